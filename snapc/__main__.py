@@ -1,0 +1,5 @@
+"""`python -m snapc` runs the CLI."""
+
+from snapc.cli import main
+
+main()

@@ -1,0 +1,174 @@
+"""The `snapc` command line: parses arguments and calls library functions, nothing more."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from snapc.errors import SnapcError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Optimise and compile diffusion UNets for phones.")
+out = Console()
+err = Console(stderr=True)
+
+ModelArg = Annotated[str, typer.Argument(
+    help="registered name (sd15, sd21-base, tiny, shapes), a diffusers UNet folder, "
+         "or a .safetensors file with --arch")]
+ArchOpt = Annotated[str | None, typer.Option(help="architecture of a bare weights file")]
+LatentOpt = Annotated[int | None, typer.Option(help="latent height/width (default: config)")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="batch size of the traced UNet")]
+
+
+class RichReporter:
+    """Shows each stage with a spinner and its time when it ends (rich status)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.status = console.status("starting")
+        self.started: dict[str, float] = {}
+
+    def __enter__(self) -> RichReporter:
+        self.status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.status.stop()
+
+    def stage(self, name: str) -> None:
+        """Show ``name`` as the running stage."""
+        self.started.setdefault(name, time.perf_counter())
+        self.status.update(f"[bold]{name}[/]...")
+
+    def done(self, name: str, seconds: float, detail: str = "") -> None:
+        """Print a finished stage with its time."""
+        self.console.print(f"[green]✓[/] {name} [dim]({seconds:.1f} s)[/] {detail}")
+
+    def warn(self, message: str) -> None:
+        """Print a warning."""
+        self.console.print(f"[yellow]warning:[/] {message}")
+
+
+def _fail(exc: SnapcError) -> None:
+    err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: ModelArg,
+    target: Annotated[str, typer.Option("--target", "-t", help="onnx (see `snapc targets`)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="artifact folder to create")],
+    remove: Annotated[list[str] | None, typer.Option(
+        "--remove", help="block to remove (repeatable); see `snapc inspect`")] = None,
+    latent: LatentOpt = None,
+    batch: BatchOpt = 1,
+    arch: ArchOpt = None,
+    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    seed: Annotated[int, typer.Option(help="seed of random weights and example inputs")] = 0,
+) -> None:
+    """Compile MODEL for a target; exit 0 only when the artifact verified."""
+    from snapc.compiler import CompileOptions, compile_model
+
+    options = CompileOptions(model=model, target=target, out=output, arch=arch,
+                             remove=tuple(remove or ()), latent=latent, batch=batch,
+                             force=force, seed=seed)
+    try:
+        with RichReporter(err) as reporter:
+            result = compile_model(options, reporter=reporter)
+    except SnapcError as exc:
+        _fail(exc)
+    manifest = result.manifest
+    table = Table(title=f"snapc compile {model} → {target}", show_header=False)
+    table.add_row("artifact", str(output))
+    table.add_row("files", ", ".join(manifest.files.values()))
+    table.add_row("params", f"{manifest.model['params']:,}")
+    table.add_row("removed blocks", ", ".join(manifest.model["removed_blocks"]) or "none")
+    ver = manifest.verification
+    table.add_row("verified", f"PSNR {ver['psnr_db']:.1f} dB (≥ {ver['min_psnr_db']}), "
+                  f"max abs {ver['max_abs']:.2e}, cosine {ver['cosine']:.6f} "
+                  f"[{ver['runtime']}]")
+    table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    out.print(table)
+
+
+@app.command()
+def inspect(
+    model: ModelArg,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+    latent: LatentOpt = None,
+    batch: BatchOpt = 1,
+    arch: ArchOpt = None,
+) -> None:
+    """Print the block map of MODEL: every removable block with its cost, and totals."""
+    from snapc.compiler import load_graph, random_weights_warning
+    from snapc.inspect import block_report
+
+    try:
+        random_named = model in ("sd15", "sd21-base", "tiny")
+        graph = load_graph(model, arch=arch, batch=batch, latent=latent,
+                           device="meta" if random_named and arch is None else "cpu")
+    except SnapcError as exc:
+        _fail(exc)
+    report = block_report(graph)
+    if graph.source.random_weights:
+        err.print(f"[yellow]warning:[/] {random_weights_warning(graph.source.name)}")
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    from snapc.inspect import render_block_table
+
+    out.print(render_block_table(report))
+
+
+@app.command()
+def passes() -> None:
+    """List the built-in passes."""
+    import snapc.passes  # noqa: F401  (registers the built-in passes)
+    from snapc.pipeline import PASSES
+
+    table = Table(title="snapc passes")
+    for col in ("name", "level", "what it does"):
+        table.add_column(col)
+    for name, factory in sorted(PASSES.items()):
+        doc = " ".join((factory.__doc__ or "").split())
+        table.add_row(name, str(getattr(factory, "level", "")), doc)
+    out.print(table)
+
+
+@app.command()
+def targets() -> None:
+    """List the targets `snapc compile --target` accepts."""
+    from snapc.targets import TARGETS
+
+    table = Table(title="snapc targets")
+    table.add_column("name")
+    table.add_column("what it emits")
+    for name, entry in TARGETS.items():
+        table.add_row(name, entry.description)
+    out.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the registered model names."""
+    from snapc.models import MODELS
+
+    table = Table(title="snapc models")
+    table.add_column("name")
+    table.add_column("description")
+    for name, spec in MODELS.items():
+        table.add_row(name, spec.description)
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point of the `snapc` console script."""
+    app()

@@ -1,0 +1,169 @@
+"""The compile flow behind `snapc compile`: load, trace, run passes, export, verify.
+
+Library code: it reports progress through a Reporter and never prints.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from snapc.artifacts import atomic_output_dir, check_output_dir
+from snapc.frontend import trace
+from snapc.graph import Graph
+from snapc.manifest import Manifest
+from snapc.models import load_model
+from snapc.pipeline import Pass, PassContext, PassResult, Pipeline, PipelineResult
+
+__all__ = ["CompileOptions", "CompileResult", "Reporter", "NullReporter", "compile_model",
+           "load_graph", "random_weights_warning"]
+
+
+class Reporter(Protocol):
+    """Receives progress of a long run (the CLI shows it with rich)."""
+
+    def stage(self, name: str) -> None: ...
+
+    def done(self, name: str, seconds: float, detail: str = "") -> None: ...
+
+    def warn(self, message: str) -> None: ...
+
+
+class NullReporter:
+    """A Reporter that ignores everything."""
+
+    def stage(self, name: str) -> None:
+        """Ignore the start of a stage."""
+
+    def done(self, name: str, seconds: float, detail: str = "") -> None:
+        """Ignore the end of a stage."""
+
+    def warn(self, message: str) -> None:
+        """Ignore a warning."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What to compile, for which target, into which folder."""
+
+    model: str
+    target: str
+    out: Path
+    arch: str | None = None
+    remove: tuple[str, ...] = ()
+    latent: int | None = None
+    batch: int = 1
+    force: bool = False
+    seed: int = 0
+    target_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """The manifest written, the final graph, and the stage timings."""
+
+    manifest: Manifest
+    graph: Graph
+    pipeline: PipelineResult
+    timings: dict[str, float]
+
+
+def random_weights_warning(name: str) -> str:
+    """Return the warning shown on every run of a random-weight model."""
+    return (f"model '{name}' has random weights: results are for latency and compile checks "
+            "only, not image quality")
+
+
+def load_graph(model: str, *, arch: str | None = None, batch: int = 1,
+               latent: int | None = None, seed: int = 0, device: str = "cpu") -> Graph:
+    """Load MODEL (name, folder or file) and return its traced Graph."""
+    loaded = load_model(model, arch=arch, batch=batch, latent=latent, seed=seed, device=device)
+    return trace(loaded.module, loaded.example_inputs, loaded.info)
+
+
+class _PassReporter:
+    """Instrument that forwards pass start/end to a Reporter."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def before_pass(self, pass_: Pass, graph: Graph) -> None:
+        self.reporter.stage(f"pass {pass_.name}")
+
+    def after_pass(self, pass_: Pass, result: PassResult, seconds: float) -> None:
+        self.reporter.done(f"pass {pass_.name}", seconds, f"{len(result.changes)} change(s)")
+
+
+def default_passes(options: CompileOptions) -> list[Pass]:
+    """Return the pass list the compile options ask for."""
+    from snapc.passes import RemoveBlocks
+
+    passes: list[Pass] = []
+    if options.remove:
+        passes.append(RemoveBlocks(options.remove))
+    return passes
+
+
+def compile_model(
+    options: CompileOptions,
+    passes: Sequence[Pass] | None = None,
+    reporter: Reporter | None = None,
+) -> CompileResult:
+    """Compile ``options.model`` for ``options.target`` into ``options.out``; return the result.
+
+    ``passes`` replaces the passes derived from the options. The artifact folder appears only
+    when everything, verification included, succeeded.
+    """
+    from snapc.targets import get_target
+
+    reporter = reporter or NullReporter()
+    entry = get_target(options.target)
+    target_options = entry.make_options(**options.target_options)
+    check_output_dir(options.out, options.force)
+    timings: dict[str, float] = {}
+
+    reporter.stage("load model")
+    start = time.perf_counter()
+    loaded = load_model(options.model, arch=options.arch, batch=options.batch,
+                        latent=options.latent, seed=options.seed)
+    timings["load"] = time.perf_counter() - start
+    reporter.done("load model", timings["load"], loaded.info.name)
+    if loaded.info.random_weights:
+        reporter.warn(random_weights_warning(loaded.info.name))
+
+    reporter.stage("trace (torch.export)")
+    start = time.perf_counter()
+    graph = trace(loaded.module, loaded.example_inputs, loaded.info)
+    counts = graph.blocks.counts()
+    timings["trace"] = time.perf_counter() - start
+    reporter.done("trace (torch.export)", timings["trace"],
+                  f"{len(graph.fx.nodes)} nodes, {counts.get('resnet', 0)} ResNet, "
+                  f"{counts.get('transformer', 0)} transformer blocks")
+
+    pass_list = list(passes) if passes is not None else default_passes(options)
+    start = time.perf_counter()
+    ctx = PassContext(check=True, verify=bool(pass_list),
+                      instruments=[_PassReporter(reporter)])
+    result = Pipeline(pass_list).run(graph, ctx)
+    timings["passes"] = time.perf_counter() - start
+
+    export, _ = entry.load()
+    reporter.stage(f"emit {options.target}")
+    start = time.perf_counter()
+    with atomic_output_dir(options.out, options.force) as tmp:
+        kwargs = {}
+        if "progress" in inspect.signature(export).parameters:
+            kwargs["progress"] = lambda msg: reporter.stage(f"{options.target}: {msg}")
+        manifest = export(result.graph, tmp, target_options, **kwargs)
+        manifest.passes = [r.to_json() for r in result.records]
+        if loaded.info.random_weights:
+            manifest.notes.append(random_weights_warning(loaded.info.name))
+        timings["emit"] = time.perf_counter() - start
+        manifest.extra["compile_timings"] = {k: round(v, 2) for k, v in timings.items()}
+        manifest.write(tmp)
+    reporter.done(f"emit {options.target}", timings["emit"], str(options.out))
+    return CompileResult(manifest, result.graph, result, timings)

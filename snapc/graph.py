@@ -1,0 +1,132 @@
+"""The Graph: a torch.export program of a UNet plus its block map.
+
+A Graph is a value: passes never edit one in place, they build a new one with
+:meth:`Graph.with_program`. It offers running, validating and block queries, and nothing that
+belongs to a pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from snapc.blocks import BlockMap, build_block_map
+from snapc.macs import node_macs
+
+__all__ = ["Graph", "ModelInfo", "GraphInvalidError"]
+
+
+class GraphInvalidError(RuntimeError):
+    """A graph failed validation (lint, shape or run check)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where a graph came from: model name, weights, config, and whether weights are random."""
+
+    name: str
+    random_weights: bool
+    config: dict | None = None
+    weights_path: str | None = None
+    weights_sha256: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """Return a JSON-ready dict."""
+        return {
+            "name": self.name,
+            "random_weights": self.random_weights,
+            "weights_path": self.weights_path,
+            "weights_sha256": self.weights_sha256,
+            "config": self.config,
+        }
+
+
+@dataclass(frozen=True)
+class Graph:
+    """An exported UNet (or any module) graph with its block map.
+
+    ``program`` takes ``input_names`` positionally and returns one tensor. ``root`` is the
+    attribute path of the user's model inside the traced wrapper (stripped from block names).
+    ``removed`` lists blocks already replaced by their shortcut.
+    """
+
+    program: torch.export.ExportedProgram
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    source: ModelInfo
+    root: str = "net"
+    removed: tuple[str, ...] = ()
+    output_scales: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def blocks(self) -> BlockMap:
+        """Return the block map (computed once per graph)."""
+        return build_block_map(self.program, self.root, self.removed, self.output_scales)
+
+    @property
+    def fx(self) -> torch.fx.Graph:
+        """Return the FX graph of the program (read it; do not edit it)."""
+        return self.program.graph
+
+    def module(self) -> nn.Module:
+        """Return a runnable module taking ``input_names`` and returning the output tensor."""
+        return self.program.module()
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Run the graph on ``inputs`` (default: the example inputs) and return its output."""
+        with torch.no_grad():
+            return self.module()(*(inputs or self.example_inputs))
+
+    def with_program(
+        self, program: torch.export.ExportedProgram, removed: tuple[str, ...] | None = None
+    ) -> Graph:
+        """Return a new Graph around ``program``, keeping this graph's inputs and source."""
+        return replace(self, program=program,
+                       removed=self.removed if removed is None else removed)
+
+    def with_inputs(self, inputs: tuple[torch.Tensor, ...]) -> Graph:
+        """Return a copy of this graph that uses ``inputs`` as its example inputs."""
+        return replace(self, example_inputs=tuple(inputs))
+
+    def param_count(self) -> int:
+        """Return the number of parameter elements the program uses."""
+        return sum(int(t.numel()) for t in self.program.state_dict.values())
+
+    def param_bytes(self) -> int:
+        """Return the bytes of the program's parameters and buffers."""
+        return sum(int(t.numel() * t.element_size()) for t in self.program.state_dict.values())
+
+    def macs_by_class(self) -> dict[str, int]:
+        """Return total MACs per op class (conv, linear, attention) for one evaluation."""
+        totals: dict[str, int] = {}
+        for node in self.fx.nodes:
+            counted = node_macs(node)
+            if counted:
+                totals[counted.op_class] = totals.get(counted.op_class, 0) + counted.macs
+        return totals
+
+    def output_shape(self) -> tuple[int, ...]:
+        """Return the static shape of the (single) output."""
+        out = next(n for n in self.fx.nodes if n.op == "output")
+        value = out.args[0]
+        value = value[0] if isinstance(value, (tuple, list)) else value
+        return tuple(int(d) for d in value.meta["val"].shape)
+
+    def validate(self, run: bool = True) -> None:
+        """Check the graph: FX lint, one output, and (with ``run``) that it executes on the
+        example inputs with the recorded output shape. Raises GraphInvalidError."""
+        try:
+            self.program.graph.lint()
+        except Exception as exc:  # lint raises plain RuntimeError/AssertionError
+            raise GraphInvalidError(f"FX lint failed: {exc}") from exc
+        expected = self.output_shape()
+        if not run or any(t.device.type == "meta" for t in self.example_inputs):
+            return
+        out = self.run()
+        if tuple(out.shape) != expected:
+            raise GraphInvalidError(f"output shape {tuple(out.shape)} != recorded {expected}")
+        if not torch.isfinite(out).all():
+            raise GraphInvalidError("output has NaN or Inf on the example inputs")

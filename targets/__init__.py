@@ -1,0 +1,54 @@
+"""Targets that turn a Graph into a deployable, verified artifact folder.
+
+Each target module has one public entry point, ``export(graph, out_dir, options) -> Manifest``,
+and an options dataclass. ``TARGETS`` maps snapc's target names to them; heavy runtimes are
+imported only when a target is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from snapc.errors import UnknownNameError
+
+__all__ = ["TargetEntry", "TARGETS", "get_target"]
+
+
+@dataclass(frozen=True)
+class TargetEntry:
+    """A target name: its module, options class and a one-line description."""
+
+    name: str
+    module: str
+    options: str
+    description: str
+    preset: dict[str, Any] | None = None
+
+    def load(self) -> tuple[Callable[..., Any], type]:
+        """Return (export function, options class), importing the module now."""
+        mod = importlib.import_module(self.module)
+        return mod.export, getattr(mod, self.options)
+
+    def make_options(self, **overrides: Any) -> Any:
+        """Return an options object: the target's preset, then ``overrides`` (None ignored)."""
+        _, options_cls = self.load()
+        values = dict(self.preset or {})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return options_cls(**values)
+
+
+TARGETS: dict[str, TargetEntry] = {
+    "onnx": TargetEntry("onnx", "snapc.targets.onnx", "OnnxOptions",
+                        "ONNX model verified in onnxruntime (CPU)"),
+}
+
+
+def get_target(name: str) -> TargetEntry:
+    """Return the registered target ``name`` or raise UnknownNameError listing the valid ones."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UnknownNameError("target", name, list(TARGETS)) from None

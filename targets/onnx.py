@@ -1,0 +1,159 @@
+"""ONNX target: export a Graph to ONNX, simplify it with onnxsim, verify it in onnxruntime.
+
+The artifact folder holds ``model.onnx`` (plus ``model.onnx.data`` when the weights pass the
+2 GB protobuf limit), ``manifest.json`` and ``export_log.txt``. Export always verifies: the
+onnxruntime CPU output is compared with the PyTorch output of the same graph, and a model
+below ``min_psnr_db`` is not written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from snapc.errors import ToolMissingError, VerificationError
+from snapc.graph import Graph
+from snapc.manifest import Manifest, versions
+from snapc.numerics import compare
+
+__all__ = ["OnnxOptions", "export", "ONNX_PROTOBUF_LIMIT"]
+
+ONNX_PROTOBUF_LIMIT = 2 * 1024**3  # protobuf cannot serialise a single message over 2 GB
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """Options of the ONNX target.
+
+    ``min_psnr_db`` is the verification gate against PyTorch (60 dB suits fp32).
+    ``simplify`` runs onnxsim; ``opset`` is the ONNX opset to emit.
+    """
+
+    opset: int = 18
+    simplify: bool = True
+    min_psnr_db: float = 60.0
+    threads: int = 0
+
+
+@contextlib.contextmanager
+def _quiet(log: io.StringIO):
+    """Capture stdout/stderr and torch.onnx logging into ``log`` while exporting."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _export_onnx(graph: Graph, path: Path, options: OnnxOptions, log: io.StringIO) -> None:
+    with _quiet(log):
+        program = torch.onnx.export(
+            graph.program, graph.example_inputs, dynamo=True, opset_version=options.opset,
+            input_names=list(graph.input_names), output_names=["noise_pred"],
+            optimize=True, verbose=False, report=False,
+        )
+        program.save(str(path), external_data=graph.param_bytes() >= ONNX_PROTOBUF_LIMIT // 2)
+
+
+def _simplify(path: Path, large: bool, log: io.StringIO) -> dict[str, object]:
+    import onnx
+    import onnxsim
+
+    before = len(onnx.load(str(path), load_external_data=False).graph.node)
+    with _quiet(log):
+        if large:
+            simplified, ok = onnxsim.simplify(str(path), output_path=str(path))
+        else:
+            simplified, ok = onnxsim.simplify(onnx.load(str(path)))
+            if ok:
+                onnx.save(simplified, str(path))
+    after = len(onnx.load(str(path), load_external_data=False).graph.node)
+    return {"ran": True, "checked": bool(ok), "nodes_before": before, "nodes_after": after}
+
+
+def _run_onnxruntime(path: Path, graph: Graph, threads: int) -> torch.Tensor:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(graph.input_names,
+                                                        graph.example_inputs, strict=True)}
+    return torch.from_numpy(session.run(None, feeds)[0])
+
+
+def export(
+    graph: Graph,
+    out_dir: Path,
+    options: OnnxOptions = OnnxOptions(),
+    progress: Callable[[str], None] = lambda _: None,
+) -> Manifest:
+    """Write the ONNX artifact of ``graph`` into ``out_dir`` (an empty folder) and return its
+    manifest. Raises VerificationError when onnxruntime's output misses ``min_psnr_db``."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ToolMissingError(f"the onnx target needs onnx and onnxruntime ({exc}); "
+                               "pip install snapc") from exc
+    out_dir = Path(out_dir)
+    path = out_dir / MODEL_FILE
+    log = io.StringIO()
+    timings: dict[str, float] = {}
+    large = graph.param_bytes() >= ONNX_PROTOBUF_LIMIT // 2
+
+    progress("exporting to ONNX")
+    start = time.perf_counter()
+    _export_onnx(graph, path, options, log)
+    timings["export_s"] = time.perf_counter() - start
+
+    simplify = {"ran": False}
+    if options.simplify:
+        progress("simplifying with onnxsim")
+        start = time.perf_counter()
+        simplify = _simplify(path, large, log)
+        timings["simplify_s"] = time.perf_counter() - start
+
+    progress("verifying in onnxruntime")
+    start = time.perf_counter()
+    reference = graph.run()
+    output = _run_onnxruntime(path, graph, options.threads)
+    numerics = compare(reference, output)
+    timings["verify_s"] = time.perf_counter() - start
+    (out_dir / "export_log.txt").write_text(log.getvalue())
+    if not numerics.passes(options.min_psnr_db):
+        raise VerificationError(
+            f"onnxruntime output PSNR {numerics.psnr_db:.1f} dB < {options.min_psnr_db} dB "
+            f"vs PyTorch (max abs err {numerics.max_abs:.3g}); artifact not written")
+
+    files = {"model": MODEL_FILE, "log": "export_log.txt"}
+    if (out_dir / f"{MODEL_FILE}.data").exists():
+        files["external_data"] = f"{MODEL_FILE}.data"
+    manifest = Manifest.for_graph(
+        graph, "onnx", files=files, target_options=asdict(options),
+        verification={
+            "reference": "torch (same graph, fp32, CPU)",
+            "runtime": "onnxruntime CPUExecutionProvider",
+            "inputs": "the graph's example inputs",
+            "min_psnr_db": options.min_psnr_db,
+            "passed": True,
+            **numerics.to_json(),
+        },
+        versions=versions("onnx", "onnxruntime", "onnxsim", "diffusers"),
+        extra={"onnxsim": simplify, "timings": {k: round(v, 2) for k, v in timings.items()},
+               "model_bytes": sum(f.stat().st_size for f in out_dir.glob(f"{MODEL_FILE}*"))},
+    )
+    return manifest
