@@ -32,19 +32,26 @@ def _rule(block: Block) -> str:
     return "resnet_to_shortcut" if block.shortcut else "resnet_to_identity"
 
 
-def _bypass(gm: fx.GraphModule, block: Block) -> None:
-    """Rewire ``gm`` so users of the block's exit read its shortcut value instead."""
+def _bypass(gm: fx.GraphModule, block: Block, bypassed: dict[fx.Node, fx.Node]) -> None:
+    """Rewire ``gm`` so users of the block's exit read its shortcut value instead.
+
+    ``bypassed`` maps exits already rewired to their replacements, so a block whose input is
+    the exit of a block removed before it reads that block's replacement.
+    """
     nodes = {n.name: n for n in gm.graph.nodes}
     missing = [n for n in (block.exit, block.shortcut or block.hidden_input) if n not in nodes]
     if missing:
         raise SnapcError(f"block {block.name}: nodes {missing} not found in the unlifted graph")
     exit_node = nodes[block.exit]
     replacement = nodes[block.shortcut or block.hidden_input]
+    while replacement in bypassed:
+        replacement = bypassed[replacement]
     if block.output_scale != 1.0:
         with gm.graph.inserting_after(replacement):
             replacement = gm.graph.call_function(
                 torch.ops.aten.div.Tensor, (replacement, block.output_scale))
     exit_node.replace_all_uses_with(replacement)
+    bypassed[exit_node] = replacement
 
 
 def remove_blocks(graph: Graph, names: Iterable[str]) -> tuple[Graph, list[Change]]:
@@ -61,17 +68,15 @@ def remove_blocks(graph: Graph, names: Iterable[str]) -> tuple[Graph, list[Chang
             raise UnknownNameError("block", name, [b.name for b in blocks if b.removable])
         if not blocks[name].removable:
             raise SnapcError(f"block {name} cannot be removed: {blocks[name].reason}")
-    gm = graph.program.module()
+    gm = graph.edited()
     before_nodes = len(graph.fx.nodes)
+    bypassed: dict[fx.Node, fx.Node] = {}
     for name in wanted:
-        _bypass(gm, blocks[name])
+        _bypass(gm, blocks[name], bypassed)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     _drop_unused_attributes(gm)
-    gm.recompile()
-    with torch.no_grad():
-        program = torch.export.export(gm, graph.example_inputs, strict=False)
-    new = graph.with_program(program, removed=graph.removed + tuple(wanted))
+    new = graph.reexport(gm, removed=graph.removed + tuple(wanted))
     removed_nodes = before_nodes - len(new.fx.nodes)
     changes = []
     for name in wanted:

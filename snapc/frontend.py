@@ -75,8 +75,11 @@ def trace(
     else:
         entry = _ModuleEntry(module)
         names = tuple(input_names or (f"input_{i}" for i in range(len(inputs))))
-    with torch.no_grad():
-        program = torch.export.export(entry, inputs, strict=False)
+
+    def export(args: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+        with torch.no_grad():
+            return torch.export.export(entry, args, strict=False)
+
     info = source or ModelInfo(name=type(module).__name__, random_weights=False)
-    return Graph(program=program, example_inputs=inputs, input_names=names, source=info,
-                 root="net", output_scales=_output_scales(module))
+    return Graph(program=export(inputs), example_inputs=inputs, input_names=names, source=info,
+                 root="net", output_scales=_output_scales(module), retrace=export)

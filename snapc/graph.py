@@ -7,6 +7,7 @@ belongs to a pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -60,6 +61,8 @@ class Graph:
     root: str = "net"
     removed: tuple[str, ...] = ()
     output_scales: dict[str, float] = field(default_factory=dict)
+    retrace: Callable[[tuple[torch.Tensor, ...]], torch.export.ExportedProgram] | None = field(
+        default=None, compare=False, repr=False)
 
     @cached_property
     def blocks(self) -> BlockMap:
@@ -87,9 +90,42 @@ class Graph:
         return replace(self, program=program,
                        removed=self.removed if removed is None else removed)
 
+    def edited(self) -> torch.fx.GraphModule:
+        """Return a fresh, editable GraphModule of this program (params as attributes).
+
+        Editing it never touches this Graph; hand it back with :meth:`reexport`.
+        """
+        return self.program.module()
+
+    def reexport(self, gm: torch.fx.GraphModule, removed: tuple[str, ...] | None = None) -> Graph:
+        """Return a new Graph made by exporting the edited ``gm`` on the example inputs."""
+        gm.graph.lint()
+        gm.recompile()
+        with torch.no_grad():
+            program = torch.export.export(gm, self.example_inputs, strict=False)
+        return self.with_program(program, removed)
+
     def with_inputs(self, inputs: tuple[torch.Tensor, ...]) -> Graph:
         """Return a copy of this graph that uses ``inputs`` as its example inputs."""
         return replace(self, example_inputs=tuple(inputs))
+
+    def at_batch(self, inputs: tuple[torch.Tensor, ...]) -> Graph:
+        """Return this graph traced again for ``inputs`` (e.g. another batch size), with the
+        same blocks removed. Exported shapes are static, so this re-traces the source module;
+        passes other than block removal applied since tracing are not carried over.
+        """
+        if tuple(t.shape for t in inputs) == tuple(t.shape for t in self.example_inputs):
+            return self
+        if self.retrace is None:
+            raise GraphInvalidError("graph has no source module to trace at another batch "
+                                    "size; trace it with snapc.trace")
+        fresh = replace(self, program=self.retrace(tuple(inputs)), example_inputs=tuple(inputs),
+                        removed=())
+        if not self.removed:
+            return fresh
+        from snapc.passes.remove_blocks import remove_blocks
+
+        return remove_blocks(fresh, self.removed)[0]
 
     def param_count(self) -> int:
         """Return the number of parameter elements the program uses."""

@@ -1,0 +1,74 @@
+"""The CLI end to end: compile, inspect, passes, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import save_file
+
+from snapc.models import load_model
+
+
+def snapc(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python -m snapc ARGS` and return the finished process."""
+    return subprocess.run([sys.executable, "-m", "snapc", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def test_compile_tiny_onnx(tmp_path):
+    out = tmp_path / "out"
+    proc = snapc("compile", "tiny", "--target", "onnx", "-o", str(out),
+                 "--remove", "mid_block.attentions.0")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verification"]["passed"]
+    assert manifest["passes"][0]["name"] == "remove_blocks"
+    assert manifest["passes"][0]["rule_counts"] == {"transformer_to_identity": 1}
+    assert "random weights" in proc.stderr
+    # the folder exists now: without --force it is an error and stays as it was
+    again = snapc("compile", "tiny", "--target", "onnx", "-o", str(out))
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_inspect_json_sd15():
+    proc = snapc("inspect", "sd15", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["totals"]["resnet_blocks"] == 22
+    assert report["totals"]["transformer_blocks"] == 16
+    assert report["totals"]["params"] == 859_520_964
+    assert len(report["blocks"]) == 38
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compile", "sd99", "--target", "onnx", "-o", "x"], "unknown model 'sd99'"),
+    (["compile", "tiny", "--target", "gpu9", "-o", "x"], "unknown target 'gpu9'"),
+    (["compile", "tiny", "--target", "onnx", "-o", "x", "--remove", "down_blocks.7.resnets.0"],
+     "unknown block 'down_blocks.7.resnets.0'"),
+])
+def test_bad_names_are_one_line_errors(tmp_path, args, message):
+    proc = snapc(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_corrupt_weights_exit_2(tmp_path):
+    path = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in load_model("tiny").module.state_dict().items()},
+              str(path))
+    path.write_bytes(path.read_bytes()[:1000])
+    proc = snapc("compile", str(path), "--arch", "tiny", "--target", "onnx", "-o",
+                 str(tmp_path / "o"))
+    assert proc.returncode == 2 and "corrupt weights file" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_passes_lists_remove_blocks():
+    proc = snapc("passes")
+    assert proc.returncode == 0 and "remove_blocks" in proc.stdout
