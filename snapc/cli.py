@@ -73,13 +73,27 @@ def compile_cmd(
     arch: ArchOpt = None,
     force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     seed: Annotated[int, typer.Option(help="seed of random weights and example inputs")] = 0,
+    device: DeviceOpt = None,
+    budget: BudgetOpt = None,
+    budget_ms: BudgetMsOpt = None,
+    keep: KeepOpt = None,
+    table: TableOpt = None,
+    calibration: CalibrationOpt = 8,
+    eval_device: EvalDeviceOpt = "cpu",
 ) -> None:
-    """Compile MODEL for a target; exit 0 only when the artifact verified."""
+    """Compile MODEL for a target; exit 0 only when the artifact verified.
+
+    With --device and --budget/--budget-ms, block search runs first (see `snapc search`)."""
     from snapc.compiler import CompileOptions, compile_model
 
+    search = None
+    if budget is not None or budget_ms is not None:
+        if device is None:
+            _fail(SnapcError("--budget/--budget-ms need --device (see `snapc cost --help`)"))
+        search = _search_args(device, budget, budget_ms, keep, table, calibration, eval_device)
     options = CompileOptions(model=model, target=target, out=output, arch=arch,
                              remove=tuple(remove or ()), latent=latent, batch=batch,
-                             force=force, seed=seed)
+                             force=force, seed=seed, search=search)
     try:
         with RichReporter(err) as reporter:
             result = compile_model(options, reporter=reporter)
@@ -97,6 +111,80 @@ def compile_cmd(
                   f"[{ver['runtime']}]")
     table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     out.print(table)
+
+
+DeviceOpt = Annotated[str | None, typer.Option(
+    help="device for block search: iphone14pro-ane, adreno740, mali-g715, h100, local-cpu, "
+         "or a profile file")]
+BudgetOpt = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="latency budget as a fraction of the original on --device")]
+BudgetMsOpt = Annotated[float | None, typer.Option(help="latency budget in ms on --device")]
+KeepOpt = Annotated[list[str] | None, typer.Option(
+    "--keep", help="block the search must not remove (repeatable)")]
+TableOpt = Annotated[Path | None, typer.Option(
+    help="latency table measured on --device (from `snapc profile`)")]
+CalibrationOpt = Annotated[int, typer.Option(min=1, help="calibration triples for the proxy")]
+EvalDeviceOpt = Annotated[str, typer.Option(help="cpu or cuda: where candidates are scored")]
+
+
+def _search_args(device: str, budget: float | None, budget_ms: float | None,
+                 keep: list[str] | None, table: Path | None, calibration: int,
+                 eval_device: str, rescore: bool = True,
+                 quality_floor: float | None = None) -> dict:
+    """Return SearchBlocks keyword arguments from CLI options."""
+    return {"device": device, "budget": budget, "budget_ms": budget_ms,
+            "keep": tuple(keep or ()), "table": str(table) if table else None,
+            "calibration": calibration, "eval_device": eval_device, "rescore": rescore,
+            "quality_floor": quality_floor}
+
+
+@app.command()
+def search(
+    model: ModelArg,
+    device: Annotated[str, typer.Option(help="device whose latency the search lowers")]
+    = "iphone14pro-ane",
+    budget: BudgetOpt = None,
+    budget_ms: BudgetMsOpt = None,
+    keep: KeepOpt = None,
+    table: TableOpt = None,
+    calibration: CalibrationOpt = 8,
+    eval_device: EvalDeviceOpt = "cpu",
+    rescore: Annotated[bool, typer.Option(
+        "--rescore/--score-once", help="re-score the remaining blocks after each removal")]
+    = True,
+    quality_floor: Annotated[float | None, typer.Option(
+        help="stop before the proxy loss (NMSE) passes this")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="search record JSON (the PNG "
+                                         "front goes next to it)")] = Path("search.json"),
+    latent: LatentOpt = None,
+    batch: BatchOpt = 1,
+    arch: ArchOpt = None,
+) -> None:
+    """Search which blocks to remove for a latency budget on a device; print the front."""
+    from snapc.compiler import load_graph, random_weights_warning
+    from snapc.passes import SearchBlocks
+    from snapc.pipeline import PassContext
+    from snapc.search_report import front_table, plot_front, search_table
+
+    args = _search_args(device, budget, budget_ms, keep, table, calibration, eval_device,
+                        rescore, quality_floor)
+    try:
+        with RichReporter(err) as reporter:
+            reporter.stage(f"loading and tracing {model}")
+            graph = load_graph(model, arch=arch, batch=batch, latent=latent)
+            if graph.source.random_weights:
+                reporter.warn(random_weights_warning(graph.source.name))
+            result = SearchBlocks(**args).run(graph, PassContext(
+                options={"progress": reporter.stage}))
+    except SnapcError as exc:
+        _fail(exc)
+    record = result.info["search"]
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    chart = plot_front(record, output.with_suffix(".png"))
+    out.print(search_table(record))
+    out.print(front_table(record))
+    out.print(f"chosen: {', '.join(record['chosen']) or 'nothing'}")
+    out.print(f"wrote {output} and {chart}")
 
 
 @app.command()
@@ -167,6 +255,16 @@ def models() -> None:
     for name, spec in MODELS.items():
         table.add_row(name, spec.description)
     out.print(table)
+
+
+def _register_profile_commands() -> None:
+    from snapc.cli_profile import cost_command, profile_command
+
+    app.command("profile")(profile_command)
+    app.command("cost")(cost_command)
+
+
+_register_profile_commands()
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ class CompileOptions:
     force: bool = False
     seed: int = 0
     target_options: dict = field(default_factory=dict)
+    search: dict | None = None  # SearchBlocks arguments (device, budget, budget_ms, keep, ...)
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,13 @@ class _PassReporter:
 
 def default_passes(options: CompileOptions) -> list[Pass]:
     """Return the pass list the compile options ask for."""
-    from snapc.passes import RemoveBlocks
+    from snapc.passes import RemoveBlocks, SearchBlocks
 
     passes: list[Pass] = []
     if options.remove:
         passes.append(RemoveBlocks(options.remove))
+    if options.search is not None:
+        passes.append(SearchBlocks(**options.search))
     return passes
 
 
@@ -147,7 +150,8 @@ def compile_model(
     pass_list = list(passes) if passes is not None else default_passes(options)
     start = time.perf_counter()
     ctx = PassContext(check=True, verify=bool(pass_list),
-                      instruments=[_PassReporter(reporter)])
+                      instruments=[_PassReporter(reporter)],
+                      options={"progress": reporter.stage})
     result = Pipeline(pass_list).run(graph, ctx)
     timings["passes"] = time.perf_counter() - start
 
@@ -160,6 +164,12 @@ def compile_model(
             kwargs["progress"] = lambda msg: reporter.stage(f"{options.target}: {msg}")
         manifest = export(result.graph, tmp, target_options, **kwargs)
         manifest.passes = [r.to_json() for r in result.records]
+        for record in result.records:
+            if "search" in record.info:
+                from snapc.search_report import plot_front
+
+                plot_front(record.info["search"], tmp / "search_front.png")
+                manifest.files["search_front"] = "search_front.png"
         if loaded.info.random_weights:
             manifest.notes.append(random_weights_warning(loaded.info.name))
         timings["emit"] = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -75,10 +76,21 @@ def trace(
     else:
         entry = _ModuleEntry(module)
         names = tuple(input_names or (f"input_{i}" for i in range(len(inputs))))
+    copies: dict[torch.device, nn.Module] = {}
 
     def export(args: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+        """Export the source module for ``args``, on their device (a copy when it differs:
+        exported graphs bake devices in, e.g. diffusers' timestep embedding)."""
+        device = args[0].device
+        home = next(entry.parameters()).device
+        if device == home:
+            model = entry
+        else:
+            if device not in copies:
+                copies[device] = copy.deepcopy(entry).to(device)
+            model = copies[device]
         with torch.no_grad():
-            return torch.export.export(entry, args, strict=False)
+            return torch.export.export(model, args, strict=False)
 
     info = source or ModelInfo(name=type(module).__name__, random_weights=False)
     return Graph(program=export(inputs), example_inputs=inputs, input_names=names, source=info,

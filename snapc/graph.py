@@ -114,7 +114,10 @@ class Graph:
         same blocks removed. Exported shapes are static, so this re-traces the source module;
         passes other than block removal applied since tracing are not carried over.
         """
-        if tuple(t.shape for t in inputs) == tuple(t.shape for t in self.example_inputs):
+        def key(tensors: tuple[torch.Tensor, ...]) -> tuple:
+            return tuple((tuple(t.shape), t.device) for t in tensors)
+
+        if key(tuple(inputs)) == key(self.example_inputs):
             return self
         if self.retrace is None:
             raise GraphInvalidError("graph has no source module to trace at another batch "

@@ -32,7 +32,7 @@ class BypassEvaluator:
         self.graph = graph
         self.device = torch.device(device)
         self.dtype = dtype
-        self.gm = graph.edited().to(self.device)
+        self.gm = graph.edited().to(self.device)  # trace on `device` (Graph.at_batch) first
         if dtype != torch.float32:
             self.gm = self.gm.to(dtype)
         self.nodes: list[fx.Node] = list(self.gm.graph.nodes)
