@@ -16,7 +16,8 @@ from snapc.errors import SnapcError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Optimise and compile diffusion UNets for phones.")
-out = Console()
+# Tables are wide: keep 160 columns when output goes to a file or pipe (rich's default is 80).
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 ModelArg = Annotated[str, typer.Argument(

@@ -72,3 +72,21 @@ def test_corrupt_weights_exit_2(tmp_path):
 def test_passes_lists_remove_blocks():
     proc = snapc("passes")
     assert proc.returncode == 0 and "remove_blocks" in proc.stdout
+
+
+def test_search_writes_record_and_front(tmp_path):
+    record_path = tmp_path / "search.json"
+    proc = snapc("search", "tiny", "--device", "iphone14pro-ane", "--budget", "0.85",
+                 "--calibration", "2", "-o", str(record_path))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(record_path.read_text())
+    assert record["stop"] == "budget met" and record["chosen"]
+    assert record_path.with_suffix(".png").stat().st_size > 10_000
+    assert "front" in proc.stdout
+
+
+def test_compile_with_impossible_budget_exit_2(tmp_path):
+    proc = snapc("compile", "tiny", "--target", "onnx", "-o", str(tmp_path / "o"),
+                 "--device", "iphone14pro-ane", "--budget", "0.01")
+    assert proc.returncode == 2 and "out of reach" in proc.stderr
+    assert not (tmp_path / "o").exists()
