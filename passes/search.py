@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from snapc.passes.remove_blocks import remove_blocks
 
 from snapc.calibration import calibration_inputs
 from snapc.errors import BudgetError, UnknownNameError
 from snapc.graph import Graph
 from snapc.incremental import BypassEvaluator
+from snapc.passes.remove_blocks import remove_blocks
 from snapc.pipeline import Change, PassContext, PassResult, register_pass
 
 __all__ = ["SearchBlocks", "SearchStep", "search_blocks", "nmse"]
