@@ -72,7 +72,6 @@ def random_sets(graph, cost, target_ms: float, count: int, seed: int) -> list[li
 def full_metric(graph, removed, prompts: int, device: str) -> dict[str, float]:
     """Return prompt adherence and FD of ``graph`` without ``removed`` (25 steps, CFG)."""
     from snapc.passes import RemoveBlocks
-
     from snapc.pipeline import PassContext
     from snapc.quality import evaluate, load_feature_classifier, validation_codes
     from snapc.runtime import GraphFunction
@@ -88,21 +87,26 @@ def full_metric(graph, removed, prompts: int, device: str) -> dict[str, float]:
 
 def part_phone(args) -> str:
     """Search vs BK-SDM vs random on iphone14pro-ane; return the RESULTS.md text."""
-    from snapc.passes.search import search_blocks
-
     from snapc.compiler import load_graph
     from snapc.cost import CostModel
+    from snapc.passes.search import search_blocks
     from snapc.search_report import plot_front
 
     graph = load_graph("shapes", device=args.eval_device)
     cost = CostModel("iphone14pro-ane", dtype="fp16")
     bk = bk_sdm_small(graph)
     target = latency_of(cost, graph, bk)
-    start = time.perf_counter()
-    record = search_blocks(graph, cost, budget_ms=target, calibration=args.calibration,
-                           eval_device=args.eval_device)
-    search_s = time.perf_counter() - start
-    variants = {"original": [], "snapc search": record["chosen"], "BK-SDM-Small rule": bk}
+    searches, seconds = {}, {}
+    for space in ("eps", "x0"):
+        start = time.perf_counter()
+        searches[space] = search_blocks(graph, cost, budget_ms=target,
+                                        calibration=args.calibration,
+                                        eval_device=args.eval_device, space=space)
+        seconds[space] = time.perf_counter() - start
+    record = searches["x0"]
+    search_s = seconds["x0"]
+    variants = {"original": [], "snapc search (x0 proxy)": searches["x0"]["chosen"],
+                "snapc search (eps proxy)": searches["eps"]["chosen"], "BK-SDM-Small rule": bk}
     for i, chosen in enumerate(random_sets(graph, cost, target, 5, args.seed)):
         variants[f"random {i + 1}"] = chosen
     rows, scores = [], {}
@@ -114,25 +118,26 @@ def part_phone(args) -> str:
         print(rows[-1], flush=True)
     randoms = [v for k, v in scores.items() if k.startswith("random")]
     best_random = max(randoms, key=lambda m: m["adherence"])
-    plot_front(record, HERE / "block_search_front.png",
-               points=[(label, latency_of(cost, graph, removed), float("nan"))
-                       for label, removed in variants.items() if label != "snapc search"])
-    (HERE / "block_search_record.json").write_text(json.dumps(record, indent=2))
-    ours = scores["snapc search"]
+    plot_front({f"snapc search ({k} proxy)": v for k, v in searches.items()},
+               HERE / "block_search_front.png")
+    (HERE / "block_search_record.json").write_text(json.dumps(searches, indent=2))
+    ours = scores["snapc search (x0 proxy)"]
+    bk_score = scores["BK-SDM-Small rule"]
     return f"""### `shapes` on iphone14pro-ane (predicted fp16 latency), full metric
 
 Budget = BK-SDM-Small's predicted latency, {target:.3f} ms of {record['original_ms']:.3f} ms.
-Search: proxy metric, {args.calibration} calibration triples, re-scoring, {search_s:.1f} s on
-{args.eval_device} ({record['evaluations']} candidate evaluations). Full metric:
+Search: proxy metric (NMSE of the clipped x0 prediction; the eps-space proxy is shown too),
+{args.calibration} calibration triples, re-scoring, {search_s:.1f} s on {args.eval_device}
+({record['evaluations']} candidate evaluations). Full metric:
 {args.prompts} validation prompts, 25 DDIM steps, CFG 3.
 
 | model | blocks removed | predicted ms | prompt adherence | Fréchet distance |
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
-snapc's choice: {', '.join(record['chosen'])}.
-snapc vs BK-SDM: adherence {ours['adherence'] - scores['BK-SDM-Small rule']['adherence']:+.3f},
-FD {ours['fd'] - scores['BK-SDM-Small rule']['fd']:+.2f}; vs the best random: adherence
+snapc's choice (x0 proxy): {', '.join(record['chosen'])}.
+snapc (x0 proxy) vs BK-SDM: adherence {ours['adherence'] - bk_score['adherence']:+.3f},
+FD {ours['fd'] - bk_score['fd']:+.2f}; vs the best random: adherence
 {ours['adherence'] - best_random['adherence']:+.3f}, FD {ours['fd'] - best_random['fd']:+.2f}.
 Front: `bench/block_search_front.png`.
 """
@@ -150,11 +155,10 @@ def _median_ms(fn, repeats: int) -> float:
 
 def part_cpu(args) -> str:
     """Search on local-cpu with a measured table; time original vs chosen on this CPU."""
-    from snapc.passes import RemoveBlocks
-    from snapc.passes.search import search_blocks
-
     from snapc.compiler import load_graph
     from snapc.cost import CostModel
+    from snapc.passes import RemoveBlocks
+    from snapc.passes.search import search_blocks
     from snapc.pipeline import PassContext
     from snapc.profile import ProfileOptions, profile_graph
 
@@ -163,7 +167,8 @@ def part_cpu(args) -> str:
     table = profile_graph(graph, ProfileOptions(backend="torch", device="cpu",
                                                 repeats=args.repeats, threads=args.threads))
     cost = CostModel("local-cpu", table=table, dtype="fp32")
-    record = search_blocks(graph, cost, budget=args.budget, calibration=args.calibration)
+    record = search_blocks(graph, cost, budget=args.budget, calibration=args.calibration,
+                           space="x0")
     pruned = RemoveBlocks(record["chosen"]).run(graph, PassContext()).graph
     original_fn, pruned_fn = graph.module(), pruned.module()
     inputs = graph.example_inputs
@@ -196,10 +201,9 @@ Measured saving vs predicted: {100 * error:.1f}% apart (goal: within 10%).
 
 def part_sd15(args) -> str:
     """Time the whole-front proxy search on SD-1.5; return the RESULTS.md text."""
-    from snapc.passes.search import search_blocks
-
     from snapc.compiler import load_graph
     from snapc.cost import CostModel
+    from snapc.passes.search import search_blocks
 
     start = time.perf_counter()
     graph = load_graph("sd15", device=args.eval_device)

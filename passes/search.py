@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from snapc.calibration import calibration_inputs
+from snapc.calibration import alphas_cumprod_for, calibration_inputs, to_x0
 from snapc.errors import BudgetError, UnknownNameError
 from snapc.graph import Graph
 from snapc.incremental import BypassEvaluator
@@ -64,20 +64,25 @@ class SearchStep:
 
 @dataclass
 class _Proxy:
-    """The default metric: NMSE of the noise prediction vs the original graph."""
+    """The default metric: NMSE of the noise prediction (``space="eps"``) or of the clipped x0
+    prediction it implies (``space="x0"``) vs the original graph."""
 
     evaluator: BypassEvaluator
-    reference: torch.Tensor
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    reference: torch.Tensor | None = None
     evaluations: int = 0
+
+    def __post_init__(self) -> None:
+        self.reference = self.transform(self.evaluator.reference())
 
     def set_base(self, removed: frozenset[str]) -> float:
         out = self.evaluator.reference(removed)
         self.evaluations += 1
-        return nmse(self.reference, out)
+        return nmse(self.reference, self.transform(out))
 
     def with_removed(self, name: str) -> float:
         self.evaluations += 1
-        return nmse(self.reference, self.evaluator.with_removed(name))
+        return nmse(self.reference, self.transform(self.evaluator.with_removed(name)))
 
 
 def search_blocks(
@@ -93,14 +98,17 @@ def search_blocks(
     calibration: int = 8,
     seed: int = 0,
     eval_device: str = "cpu",
+    space: str = "eps",
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Run the greedy search and return its record (chosen set, front, per-block table).
 
     ``cost`` is a snapc.cost.CostModel. ``budget_ms`` is a latency target on its device;
     ``budget`` a fraction of the original latency; with neither, the search runs to the end
-    (the whole front). Raises BudgetError when the budget cannot be met even by removing every
-    allowed block, and UnknownNameError for an unknown pinned block.
+    (the whole front). ``space`` is where the proxy compares outputs: the noise prediction
+    (``eps``) or the clipped x0 prediction it implies (``x0``). Raises BudgetError when the
+    budget cannot be met even by removing every allowed block, and UnknownNameError for an
+    unknown pinned block.
     """
     start_time = time.perf_counter()
     blocks = {b.name: b for b in graph.blocks}
@@ -125,7 +133,17 @@ def search_blocks(
         inputs = tuple(t.to(eval_device) for t in calibration_inputs(graph, calibration, seed))
         progress(f"tracing at calibration batch {calibration}")
         evaluator = BypassEvaluator(graph.at_batch(inputs), inputs, device=eval_device)
-        proxy: _Proxy | None = _Proxy(evaluator, evaluator.reference())
+        if space == "x0":
+            schedule = alphas_cumprod_for(graph)
+
+            def transform(eps: torch.Tensor) -> torch.Tensor:
+                return to_x0(eps, inputs[0], inputs[1], schedule)
+        elif space == "eps":
+            def transform(eps: torch.Tensor) -> torch.Tensor:
+                return eps
+        else:
+            raise ValueError(f"proxy space must be 'eps' or 'x0', not {space!r}")
+        proxy: _Proxy | None = _Proxy(evaluator, transform)
     else:
         proxy = None
 
@@ -184,7 +202,8 @@ def search_blocks(
         "target_ms": None if target == -math.inf else target, "chosen": removed,
         "stop": stop_reason, "front": [s.to_json() for s in front], "blocks": table,
         "rescore": rescore, "evaluations": proxy.evaluations if proxy else None,
-        "metric": "proxy_nmse" if metric is None else getattr(metric, "__name__", "custom"),
+        "metric": f"proxy_nmse_{space}" if metric is None
+        else getattr(metric, "__name__", "custom"),
         "calibration": calibration, "seconds": time.perf_counter() - start_time,
     }
 
@@ -206,6 +225,7 @@ class SearchBlocks:
     calibration: int = 8
     seed: int = 0
     eval_device: str = "cpu"
+    space: str = "eps"
     metric: Metric | None = field(default=None, compare=False)
     name = "search_blocks"
     level = 2
@@ -228,7 +248,8 @@ class SearchBlocks:
             graph, self.cost_model(ctx), budget_ms=self.budget_ms, budget=self.budget,
             keep=self.keep, metric=self.metric, rescore=self.rescore,
             quality_floor=self.quality_floor, calibration=self.calibration, seed=self.seed,
-            eval_device=self.eval_device, progress=ctx.options.get("progress", lambda _: None))
+            eval_device=self.eval_device, space=self.space,
+            progress=ctx.options.get("progress", lambda _: None))
         new, removal = remove_blocks(graph, record["chosen"])
         saving = {row["name"]: row["saving_ms"] for row in record["blocks"]}
         changes = tuple(Change(self.name, "search_remove", c.target, removed=c.removed,

@@ -6,7 +6,7 @@ import torch
 
 from snapc.graph import Graph
 
-__all__ = ["calibration_inputs"]
+__all__ = ["calibration_inputs", "alphas_cumprod_for", "to_x0"]
 
 
 def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0
@@ -31,3 +31,29 @@ def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0
     timesteps = (torch.arange(n, dtype=torch.float32) + 0.5) * (1000.0 / n)
     texts = torch.randn((n, *context.shape[1:]), generator=gen)
     return latents, timesteps, texts
+
+
+def alphas_cumprod_for(graph: Graph) -> torch.Tensor:
+    """Return the model's training noise schedule alpha_bar_t (t = 0..999).
+
+    ``shapes`` uses its cosine schedule; Stable Diffusion models the scaled-linear schedule
+    (beta 0.00085 to 0.012, 1000 steps) they were trained with.
+    """
+    if graph.source.name == "shapes":
+        from snapc.shapes.schedule import alphas_cumprod
+
+        return alphas_cumprod()
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def to_x0(eps: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor,
+          alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Return the clipped x0 prediction (x_t - sqrt(1 - a) eps) / sqrt(a), clamped to [-1, 1].
+
+    Errors in eps matter in proportion to sqrt((1 - a) / a) once a sampler turns them into an
+    image; comparing in x0 space weighs each timestep by that, as sampling does.
+    """
+    a = alphas_cumprod.to(eps.device)[timestep.long().clamp(0, len(alphas_cumprod) - 1)]
+    a = a.view(-1, *([1] * (eps.dim() - 1)))
+    return ((sample - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)

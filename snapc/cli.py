@@ -81,6 +81,7 @@ def compile_cmd(
     table: TableOpt = None,
     calibration: CalibrationOpt = 8,
     eval_device: EvalDeviceOpt = "cpu",
+    proxy_space: SpaceOpt = "eps",
 ) -> None:
     """Compile MODEL for a target; exit 0 only when the artifact verified.
 
@@ -91,7 +92,8 @@ def compile_cmd(
     if budget is not None or budget_ms is not None:
         if device is None:
             _fail(SnapcError("--budget/--budget-ms need --device (see `snapc cost --help`)"))
-        search = _search_args(device, budget, budget_ms, keep, table, calibration, eval_device)
+        search = _search_args(device, budget, budget_ms, keep, table, calibration, eval_device,
+                              space=proxy_space)
     options = CompileOptions(model=model, target=target, out=output, arch=arch,
                              remove=tuple(remove or ()), latent=latent, batch=batch,
                              force=force, seed=seed, search=search)
@@ -126,17 +128,19 @@ TableOpt = Annotated[Path | None, typer.Option(
     help="latency table measured on --device (from `snapc profile`)")]
 CalibrationOpt = Annotated[int, typer.Option(min=1, help="calibration triples for the proxy")]
 EvalDeviceOpt = Annotated[str, typer.Option(help="cpu or cuda: where candidates are scored")]
+SpaceOpt = Annotated[str, typer.Option(
+    help="proxy compares noise predictions (eps) or the clipped x0 they imply (x0)")]
 
 
 def _search_args(device: str, budget: float | None, budget_ms: float | None,
                  keep: list[str] | None, table: Path | None, calibration: int,
                  eval_device: str, rescore: bool = True,
-                 quality_floor: float | None = None) -> dict:
+                 quality_floor: float | None = None, space: str = "eps") -> dict:
     """Return SearchBlocks keyword arguments from CLI options."""
     return {"device": device, "budget": budget, "budget_ms": budget_ms,
             "keep": tuple(keep or ()), "table": str(table) if table else None,
             "calibration": calibration, "eval_device": eval_device, "rescore": rescore,
-            "quality_floor": quality_floor}
+            "quality_floor": quality_floor, "space": space}
 
 
 @app.command()
@@ -155,6 +159,7 @@ def search(
     = True,
     quality_floor: Annotated[float | None, typer.Option(
         help="stop before the proxy loss (NMSE) passes this")] = None,
+    proxy_space: SpaceOpt = "eps",
     output: Annotated[Path, typer.Option("--output", "-o", help="search record JSON (the PNG "
                                          "front goes next to it)")] = Path("search.json"),
     latent: LatentOpt = None,
@@ -168,7 +173,7 @@ def search(
     from snapc.search_report import front_table, plot_front, search_table
 
     args = _search_args(device, budget, budget_ms, keep, table, calibration, eval_device,
-                        rescore, quality_floor)
+                        rescore, quality_floor, proxy_space)
     try:
         with RichReporter(err) as reporter:
             reporter.stage(f"loading and tracing {model}")
