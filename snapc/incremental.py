@@ -73,8 +73,10 @@ class BypassEvaluator:
         return skip, exits
 
     def _run(self, removed: frozenset[str], start: int, env: dict[fx.Node, object],
-             keep: set[fx.Node] | None) -> torch.Tensor:
+             keep: set[fx.Node] | None, inputs: tuple[torch.Tensor, ...] | None = None
+             ) -> torch.Tensor:
         """Execute nodes from position ``start`` and return the graph output."""
+        inputs = self.inputs if inputs is None else inputs
         skip, exits = self._skip_and_exits(removed)
         for node in self.nodes[start:]:
             if node.op == "output":
@@ -87,7 +89,7 @@ class BypassEvaluator:
             elif node in skip:
                 continue
             elif node.op == "placeholder":
-                env[node] = self.inputs[self._placeholder_index(node)]
+                env[node] = inputs[self._placeholder_index(node)]
             elif node.op == "get_attr":
                 env[node] = _fetch_attr(self.gm, node.target)
             elif node.op == "call_module" and node.target == "_guards_fn":
@@ -147,9 +149,12 @@ class BypassEvaluator:
         return self._run(self._cached_removed | {block_name}, position + 1, env, None)
 
     @torch.no_grad()
-    def full(self, removed: Iterable[str]) -> torch.Tensor:
-        """Run the whole graph with ``removed`` bypassed (no caching) and return the output."""
-        return self._run(frozenset(removed), 0, {}, None)
+    def full(self, removed: Iterable[str], inputs: Sequence[torch.Tensor] | None = None
+             ) -> torch.Tensor:
+        """Run the whole graph with ``removed`` bypassed on ``inputs`` (default: the
+        evaluator's; same shapes as traced) without caching, and return the output."""
+        given = None if inputs is None else tuple(self._cast(t) for t in inputs)
+        return self._run(frozenset(removed), 0, {}, None, given)
 
 
 def _fetch_attr(gm: torch.nn.Module, target: str) -> object:

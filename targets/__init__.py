@@ -46,6 +46,18 @@ TARGETS: dict[str, TargetEntry] = {
 }
 
 
+def _register_tvm() -> None:
+    """Add the TVM targets (adreno, mali, arm-cpu, x86, cuda); their table needs no TVM."""
+    from snapc.targets.tvm_targets import TVM_TARGETS
+
+    for name, spec in TVM_TARGETS.items():
+        TARGETS[name] = TargetEntry(name, "snapc.targets.tvm", "TvmOptions",
+                                    f"TVM: {spec.description}", preset={"target": name})
+
+
+_register_tvm()
+
+
 def get_target(name: str) -> TargetEntry:
     """Return the registered target ``name`` or raise UnknownNameError listing the valid ones."""
     try:

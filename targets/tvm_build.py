@@ -1,0 +1,195 @@
+"""Import a Graph into TVM Relax, lower it for a TVM target and compile it.
+
+Phases (``relax_passes``): library dispatch, legalization, default GPU schedules (dlight,
+``tvm.s_tir.dlight``), dataflow lowering, finalization: TVM's own per-target pipeline
+(``tvm.relax.pipeline.*_passes(target)``), run here in steps so that the TIR functions are
+kept both before and after scheduling (the OpenCL kernel check runs scheduled kernels against
+unscheduled x86 builds of the same function).
+
+Requires: a graph whose program takes (sample, timestep, encoder_hidden_states) and returns one
+tensor; apache-tvm 0.27 (``tvm.compile``, ``tvm.s_tir.dlight``, ``from_exported_program``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    import tvm
+
+__all__ = ["Imported", "Lowered", "import_graph", "to_fp16", "relax_passes", "lower",
+           "compile_lowered", "target_json", "SCHEDULE_PASS"]
+
+SCHEDULE_PASS = "ApplyDefaultSchedule"  # tvm.s_tir.dlight's pass name
+
+
+@dataclass
+class Imported:
+    """A Relax module whose ``main`` takes the user inputs, then the weights, in order.
+
+    ``param_sources`` maps each weight name to its state-dict key in the graph's program.
+    """
+
+    module: tvm.ir.IRModule
+    input_names: list[str]
+    param_names: list[str]
+    params: list[np.ndarray]
+    param_sources: dict[str, str] = field(default_factory=dict)
+    import_s: float = 0.0
+
+    def param_dtypes(self) -> list[str]:
+        """Return the dtype ``main`` expects for each weight (fp16 after ``to_fp16``)."""
+        params = self.module["main"].params[len(self.input_names):]
+        return [str(p.ty.dtype) for p in params]
+
+    def params_as_declared(self) -> dict[str, np.ndarray]:
+        """Return {weight name: array} cast to the dtypes ``main`` declares, in order."""
+        return {name: value.astype(dtype, copy=False) for name, value, dtype
+                in zip(self.param_names, self.params, self.param_dtypes(), strict=True)}
+
+
+@dataclass
+class Lowered:
+    """A lowered module ready for ``tvm.compile(..., relax_pipeline=None)``.
+
+    ``unscheduled`` holds the fused TIR functions before dlight scheduling (for GPU targets;
+    empty otherwise); ``passes`` names the Relax passes that ran, in order.
+    """
+
+    module: tvm.ir.IRModule
+    target: tvm.target.Target
+    unscheduled: tvm.ir.IRModule | None
+    passes: list[str] = field(default_factory=list)
+    lower_s: float = 0.0
+
+
+def import_graph(program: torch.export.ExportedProgram) -> Imported:
+    """Return ``program`` (a Graph's) imported with ``from_exported_program`` in fp32, weights
+    kept as inputs of ``main`` and detached as numpy arrays (they are saved separately)."""
+    import tvm  # noqa: F401
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    start = time.perf_counter()
+    module = from_exported_program(program, keep_params_as_input=True,
+                                   unwrap_unit_return_tuple=True)
+    module, params = relax.frontend.detach_params(module)
+    main = module["main"]
+    n_inputs = int(main.attrs["num_input"])
+    names = [p.name for p in main.params]
+    arrays = [p.numpy() for p in params.get("main", [])]
+    sources = {spec.arg.name: spec.target for spec in program.graph_signature.input_specs
+               if spec.target is not None}
+    return Imported(module, names[:n_inputs], names[n_inputs:], arrays,
+                    {n: sources.get(n, "") for n in names[n_inputs:]},
+                    time.perf_counter() - start)
+
+
+def to_fp16(imported: Imported) -> Imported:
+    """Return ``imported`` with fp16 compute (``relax.transform.ToMixedPrecision``) and fp16
+    weights; conv/matmul accumulate in fp32, the model's inputs and output stay fp32.
+
+    The importer cannot take a ``.half()`` model, so fp32 is imported and converted here.
+    """
+    from tvm import relax
+
+    convert = relax.transform.ToMixedPrecision(out_dtype="float32",
+                                               fp16_input_names=imported.param_names)
+    return replace(imported, module=convert(imported.module))
+
+
+def _backend_pipeline(target: tvm.target.Target) -> ModuleType:
+    """Return the module holding TVM's phase functions for ``target``, chosen the way
+    ``tvm.relax.pipeline.get_default_pipeline`` chooses. (0.27's ``relax.pipeline.*_passes``
+    dispatchers reach for names that the cuda and cpu backend packages do not export, so the
+    backends' own ``pipeline`` modules are used.)"""
+    from tvm.relax.backend.adreno import pipeline as adreno
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.relax.backend.gpu_generic import pipeline as gpu
+
+    if target.kind.name == "cuda":
+        return cuda
+    if target.kind.name == "llvm":
+        return cpu
+    if target.kind.name == "opencl" and "adreno" in target.keys:
+        return adreno
+    if "gpu" in target.keys:
+        return gpu
+    raise ValueError(f"no TVM Relax pipeline for target {target}")
+
+
+def relax_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """Return TVM's default Relax pipeline for ``target`` as a flat pass list (dlight default
+    schedules included for GPU targets)."""
+    phases = _backend_pipeline(target)
+    return (phases.library_dispatch_passes(target) + phases.legalize_passes(target)
+            + phases.dataflow_lower_passes(target) + phases.finalize_passes(target))
+
+
+def _tir_only(module: tvm.ir.IRModule) -> tvm.ir.IRModule:
+    import tvm
+
+    return tvm.IRModule({gv: f for gv, f in module.functions_items()
+                         if isinstance(f, tvm.tirx.PrimFunc)})
+
+
+def _without_tensor_cores(module: tvm.ir.IRModule) -> tvm.ir.IRModule:
+    """Return ``module`` with every TIR function marked ``dlight.do_not_tensorize``."""
+    import tvm
+
+    out = module.clone()
+    for gv, func in module.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            out.update_func(gv, func.with_attr("dlight.do_not_tensorize", True))
+    return out
+
+
+def lower(
+    module: tvm.ir.IRModule,
+    target: tvm.target.Target,
+    instruments: list[Any] | None = None,
+    tensor_cores: bool = True,
+) -> Lowered:
+    """Return ``module`` lowered by ``relax_passes(target)``; the fused TIR functions are
+    snapshotted just before the first dlight schedule pass. ``instruments`` are TVM pass
+    instruments (the texture probe uses one to name the pass that crashes). ``tensor_cores``
+    False keeps dlight's Matmul rule off the tensor-core (MMA) path on CUDA.
+
+    The snapshot is a new IRModule: dlight's ApplyDefaultSchedule updates the module it is
+    given in place, but PrimFuncs themselves are immutable, so a new module keeps the
+    unscheduled ones. (``tvm.ir.save_json`` would deep-copy, but it segfaults in 0.27.)"""
+    import tvm
+
+    start = time.perf_counter()
+    unscheduled = None
+    names: list[str] = []
+    with tvm.transform.PassContext(opt_level=3, instruments=instruments or []), target:
+        for step in relax_passes(target):
+            if step.info.name == SCHEDULE_PASS and unscheduled is None:
+                unscheduled = _tir_only(module)
+                if not tensor_cores:
+                    module = _without_tensor_cores(module)
+            module = step(module)
+            names.append(step.info.name)
+    return Lowered(module, target, unscheduled, names, time.perf_counter() - start)
+
+
+def compile_lowered(lowered: Lowered) -> tvm.runtime.Executable:
+    """Return the VM executable of an already lowered module (TIR pipeline and codegen)."""
+    import tvm
+
+    with tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(lowered.module, target=lowered.target, relax_pipeline=None)
+
+
+def target_json(target: tvm.target.Target) -> dict[str, Any]:
+    """Return ``target`` (with its host) as a JSON-ready dict."""
+    return json.loads(str(target))

@@ -1,0 +1,200 @@
+"""TVM target: x86 matches PyTorch, Mali/Adreno kernels compile and run on PoCL, RPC timing.
+
+The builds use a micro SD-shaped UNet (one cross-attention stage, 8x8 latent) so the file stays
+near two minutes on two cores; each artifact is built once per module and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm", reason="apache-tvm not installed: pip install 'snapc[tvm]'")
+
+from snapc.errors import ToolMissingError  # noqa: E402
+from snapc.frontend import trace  # noqa: E402
+from snapc.graph import Graph, ModelInfo  # noqa: E402
+from snapc.manifest import Manifest  # noqa: E402
+from snapc.targets import tvm_targets  # noqa: E402
+from snapc.targets.tvm import TvmOptions, export  # noqa: E402
+
+MICRO_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
+    "attention_head_dim": 8, "norm_num_groups": 8,
+}
+EM_AARCH64, EM_X86_64 = 183, 62
+
+
+def _elf_machine(path: Path) -> int:
+    head = path.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return int.from_bytes(head[18:20], "little")
+
+
+def _opencl_ready() -> str | None:
+    try:
+        from snapc.targets.tvm_opencl_check import opencl_device
+
+        opencl_device()
+    except ToolMissingError as exc:
+        return str(exc)
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        return "aarch64-linux-gnu-g++ missing: run scripts/setup_tvm.sh"
+    return None
+
+
+needs_opencl = pytest.mark.skipif(_opencl_ready() is not None,
+                                  reason=_opencl_ready() or "OpenCL ready")
+
+
+@pytest.fixture(scope="module")
+def graph() -> Graph:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(**MICRO_UNET).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 4, 8, 8, generator=gen), torch.full((1,), 500.0),
+              torch.randn(1, 6, 32, generator=gen))
+    return trace(net, inputs, ModelInfo(name="micro", random_weights=True))
+
+
+def _build(graph: Graph, folder: Path, **options: object) -> tuple[Manifest, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        manifest = export(graph, folder, TvmOptions(**options))
+    manifest.write(folder)
+    return manifest, [str(w.message) for w in caught if w.category is RuntimeWarning]
+
+
+@pytest.fixture(scope="module")
+def x86(graph: Graph, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
+    folder = tmp_path_factory.mktemp("x86")
+    return folder, _build(graph, folder, target="x86")[0]
+
+
+def test_every_snapc_target_maps_to_a_tvm_target() -> None:
+    assert set(tvm_targets.TVM_TARGETS) == {"adreno", "mali", "arm-cpu", "x86", "cuda"}
+    adreno = tvm.target.Target(tvm_targets.TVM_TARGETS["adreno"].tvm_tag)
+    assert "adreno" in adreno.keys and adreno.kind.name == "opencl"
+    mali = tvm.target.Target(tvm_targets.TVM_TARGETS["mali"].tvm_dict)
+    assert "mali" in mali.keys and mali.kind.name == "opencl"
+    with pytest.raises(Exception, match="valid TVM targets: adreno, arm-cpu, cuda, mali, x86"):
+        tvm_targets.target_spec("vulkan")
+
+
+def test_missing_linker_error_names_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TVM_NDK_CC", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ToolMissingError, match="TVM_NDK_CC.*aarch64-linux-gnu-g\\+\\+"):
+        tvm_targets.find_toolchain()
+
+
+def test_ndk_compiler_wins_and_sets_android_triple(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TVM_NDK_CC", sys.executable)  # any executable stands in for the NDK
+    chain = tvm_targets.find_toolchain()
+    assert (chain.compiler, chain.triple, chain.os) == (sys.executable, "aarch64-linux-android",
+                                                        "android")
+
+
+def test_x86_matches_pytorch_and_writes_a_complete_folder(x86: tuple[Path, Manifest]) -> None:
+    from safetensors.numpy import load_file
+
+    folder, manifest = x86
+    assert manifest.verification["passed"] is True
+    assert manifest.verification["psnr_db"] >= 60.0
+    assert _elf_machine(folder / "model.so") == EM_X86_64
+    info = json.loads((folder / "manifest.json").read_text())["extra"]["tvm"]
+    assert info["entry"] == "main" and info["version"] == tvm.__version__
+    assert info["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
+    assert list(load_file(str(folder / "params.safetensors"))) == sorted(info["param_order"])
+    assert set(info["param_dtypes"].values()) == {"float32"}
+    assert [s.name for s in manifest.outputs] == ["noise_pred"]
+    assert (folder / "run_on_device.py").read_text().startswith('"""Upload a TVM artifact')
+
+
+@needs_opencl
+def test_mali_fp16_builds_for_aarch64_and_its_twin_kernels_compile_and_match(
+        graph: Graph, tmp_path: Path) -> None:
+    manifest, warned = _build(graph, tmp_path, target="mali")
+    info, check = manifest.extra["tvm"], manifest.verification
+    assert _elf_machine(tmp_path / "model.so") == EM_AARCH64
+    assert info["precision"] == "fp16" and set(info["param_dtypes"].values()) == {"float16"}
+    assert "mali" in info["target"]["keys"] and "aarch64" in info["target"]["host"]["mtriple"]
+    assert check["passed"] is True and not warned
+    assert "fp32 twin" in check["checked_build"]  # PoCL has no cl_khr_fp16
+    assert check["compile"]["kernels"] == check["compile"]["compiled"] > 10
+    runs = [r for r in check["kernel_runs"] if "psnr_db" in r]
+    assert len(runs) >= 3 and all(r["psnr_db"] >= 60.0 for r in runs)
+    assert any("conv2d" in r["kernel"] for r in runs)
+
+
+@needs_opencl
+def test_adreno_falls_back_to_buffers_with_the_reason_and_compiles(
+        graph: Graph, tmp_path: Path) -> None:
+    manifest, warned = _build(graph, tmp_path, target="adreno", precision="fp32")
+    target = manifest.extra["tvm"]["target"]
+    assert _elf_machine(tmp_path / "model.so") == EM_AARCH64
+    assert "adreno" in target["keys"]
+    if "texture" not in target["keys"]:  # 0.27: ConvertLayout crashes the texture pipeline
+        assert len(warned) == 1 and "qcom/adreno-opencl-texture" in warned[0]
+        assert "crashed the process with SIG" in warned[0] and "ConvertLayout" in warned[0]
+        assert warned[0] in manifest.notes
+    check = manifest.verification
+    assert check["checked_build"] == "the artifact's own kernels"
+    assert check["compile"]["kernels"] == check["compile"]["compiled"] > 10
+
+
+@needs_opencl
+def test_a_kernel_that_does_not_compile_is_named() -> None:
+    from snapc.targets.tvm_opencl_check import compile_kernels, opencl_device
+
+    source = ("__kernel void good_kernel(__global float* restrict a) { a[0] = 1.0f; }\n"
+              "__kernel void bad_kernel(__global float* restrict a) {\n"
+              "  a[0] = undeclared_value;\n}\n")
+    report, program = compile_kernels(source, opencl_device())
+    assert program is None and not report.ok
+    assert list(report.failures) == ["bad_kernel"] and "undeclared" in report.failures["bad_kernel"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_rpc_profile_times_the_x86_artifact_on_a_local_server(
+        x86: tuple[Path, Manifest]) -> None:
+    pytest.importorskip("cloudpickle", reason="TVM's RPC server needs cloudpickle")
+    from snapc.targets.tvm_rpc import profile
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host",
+                               "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        timing = profile(x86[0], f"127.0.0.1:{port}", repeat=2)
+    finally:
+        server.send_signal(signal.SIGINT)  # SIGTERM would leave the server's worker behind
+        server.wait(timeout=30)
+    assert timing.mean_ms > 0 and timing.output_shape == (1, 4, 8, 8)
+    assert timing.target == "x86" and timing.repeat == 2
