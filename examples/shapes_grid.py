@@ -4,8 +4,8 @@ cross-attention block removed, and save the grid as a PNG.
     python examples/shapes_grid.py --out shapes_grid.png --remove down_blocks.2.attentions.1
 
 Rows are prompts; columns are the ground truth, the original model, and the edited model. The
-edit uses snapc's RemoveBlocks pass on the traced graph when the core is importable, else the
-by-hand reference removal (`snapc.shapes.model.without_block`).
+edit uses snapc's RemoveBlocks pass on the traced graph (`--by-hand` swaps the module by hand
+instead, the reference the pass must equal: `snapc.shapes.model.without_block`).
 """
 
 from __future__ import annotations
@@ -16,26 +16,24 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from snapc.frontend import trace
+from snapc.passes import RemoveBlocks
+from snapc.pipeline import PassContext
 from snapc.quality import generate, validation_codes
+from snapc.runtime import GraphFunction
 from snapc.shapes.data import caption, render
-from snapc.shapes.model import load_text_encoder, load_unet, without_block
+from snapc.shapes.model import example_inputs, load_text_encoder, load_unet, without_block
 
 
-def _removed(unet: torch.nn.Module, block: str, batch: int) -> torch.nn.Module:
-    """Return the UNet with `block` removed, through snapc's pass when it is available."""
-    try:
-        from snapc.frontend import trace
-        from snapc.passes import RemoveBlocks
-        from snapc.pipeline import PassContext
-    except ImportError:
-        return without_block(unet, block)
-    from snapc.shapes.model import example_inputs
-
+def _removed(unet: torch.nn.Module, block: str, batch: int) -> GraphFunction:
+    """Return the UNet with `block` removed by snapc's RemoveBlocks pass, callable at any
+    batch size."""
     graph = trace(unet, example_inputs(batch))
-    return RemoveBlocks([block]).run(graph, PassContext()).graph.module()
+    return GraphFunction(RemoveBlocks([block]).run(graph, PassContext()).graph)
 
 
 def main() -> None:
+    """Write the grid PNG and print the prompts of its rows."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("shapes_grid.png"))
     p.add_argument("--remove", default="down_blocks.2.attentions.1")
@@ -43,7 +41,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG")
-    p.add_argument("--by-hand", action="store_true", help="skip the core; swap modules")
+    p.add_argument("--by-hand", action="store_true", help="swap the module by hand instead")
     args = p.parse_args()
 
     unet, text = load_unet(), load_text_encoder()

@@ -30,6 +30,10 @@ _EXPORTS = {
     "compile_model": "snapc.compiler",
     "CompileOptions": "snapc.compiler",
     "SnapcError": "snapc.errors",
+    "CostModel": "snapc.cost",
+    "load_device": "snapc.cost",
+    "LatencyTable": "snapc.cost",
+    "profile_graph": "snapc.profile",
 }
 
 __all__ = sorted(_EXPORTS)
