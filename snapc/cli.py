@@ -82,6 +82,9 @@ def compile_cmd(
     calibration: CalibrationOpt = 8,
     eval_device: EvalDeviceOpt = "cpu",
     proxy_space: SpaceOpt = "eps",
+    fusions: Annotated[str, typer.Option(
+        help="fusion passes: all, none, or comma-separated names (see `snapc passes`)")]
+    = "none",
 ) -> None:
     """Compile MODEL for a target; exit 0 only when the artifact verified.
 
@@ -96,7 +99,7 @@ def compile_cmd(
                               space=proxy_space)
     options = CompileOptions(model=model, target=target, out=output, arch=arch,
                              remove=tuple(remove or ()), latent=latent, batch=batch,
-                             force=force, seed=seed, search=search)
+                             force=force, seed=seed, search=search, fusions=fusions)
     try:
         with RichReporter(err) as reporter:
             result = compile_model(options, reporter=reporter)

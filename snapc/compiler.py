@@ -61,6 +61,7 @@ class CompileOptions:
     seed: int = 0
     target_options: dict = field(default_factory=dict)
     search: dict | None = None  # SearchBlocks arguments (device, budget, budget_ms, keep, ...)
+    fusions: str = "none"  # "all", "none" or comma-separated fusion pass names
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,24 @@ class _PassReporter:
 
 def default_passes(options: CompileOptions) -> list[Pass]:
     """Return the pass list the compile options ask for."""
-    from snapc.passes import RemoveBlocks, SearchBlocks
+    from snapc.passes import RemoveBlocks, SearchBlocks, fusion_passes, lowering_passes
 
     passes: list[Pass] = []
     if options.remove:
         passes.append(RemoveBlocks(options.remove))
     if options.search is not None:
         passes.append(SearchBlocks(**options.search))
+    # Fusions come after block removal and search: those need the original nodes.
+    fusions = fusion_passes(options.fusions)
+    if fusions:
+        passes += fusions
+        passes += lowering_passes(_LOWERING.get(options.target, "tvm"))
     return passes
+
+
+# Which lowering a target needs after fusion: ONNX has kernels for the fused ops, Core ML wants
+# the Neural Engine attention layout, TVM (every other target) plain ATen ops.
+_LOWERING = {"onnx": "onnx", "coreml": "coreml"}
 
 
 def compile_model(

@@ -82,8 +82,8 @@ def trace(
         """Export the source module for ``args``, on their device (a copy when it differs:
         exported graphs bake devices in, e.g. diffusers' timestep embedding)."""
         device = args[0].device
-        home = next(entry.parameters()).device
-        if device == home:
+        first = next(entry.parameters(), None)
+        if first is None or device == first.device:
             model = entry
         else:
             if device not in copies:

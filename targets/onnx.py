@@ -59,11 +59,14 @@ def _quiet(log: io.StringIO):
 
 
 def _export_onnx(graph: Graph, path: Path, options: OnnxOptions, log: io.StringIO) -> None:
+    from snapc.passes.fused_ops import onnx_translations  # snapc's fused ops -> ORT ops
+
     with _quiet(log):
         program = torch.onnx.export(
             graph.program, graph.example_inputs, dynamo=True, opset_version=options.opset,
             input_names=list(graph.input_names), output_names=["noise_pred"],
             optimize=True, verbose=False, report=False,
+            custom_translation_table=onnx_translations(),
         )
         program.save(str(path), external_data=graph.param_bytes() >= ONNX_PROTOBUF_LIMIT // 2)
 
