@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from snapc.errors import VerificationError
-from snapc.graph import Graph
+from snapc.graph import Graph, drop_unused_attributes
 from snapc.numerics import Numerics, verify
 from snapc.passes.rewrite import Hit, Rule, rewrite
 from snapc.pipeline import Change, PassContext, PassResult
@@ -58,15 +58,6 @@ def tensor_meta(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _drop_unused_attributes(gm: fx.GraphModule) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name not in used:
-            owner_path, _, attr = name.rpartition(".")
-            owner = gm.get_submodule(owner_path) if owner_path else gm
-            delattr(owner, attr)
-
-
 def finish(graph: Graph, gm: fx.GraphModule, hits: list[Hit], pass_name: str,
            ctx: PassContext, min_psnr_db: float = MIN_PSNR_DB) -> PassResult:
     """Re-export the edited ``gm``, verify it against ``graph`` and return the PassResult.
@@ -78,7 +69,7 @@ def finish(graph: Graph, gm: fx.GraphModule, hits: list[Hit], pass_name: str,
         return PassResult(graph, ())
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    _drop_unused_attributes(gm)
+    drop_unused_attributes(gm)
     gm.recompile()
     with torch.no_grad():
         program = torch.export.export(gm, graph.example_inputs, strict=False)

@@ -20,7 +20,7 @@ from torch import fx
 
 from snapc.blocks import TRANSFORMER, Block
 from snapc.errors import SnapcError, UnknownNameError
-from snapc.graph import Graph
+from snapc.graph import Graph, drop_unused_attributes
 from snapc.pipeline import Change, PassContext, PassResult, register_pass
 
 __all__ = ["RemoveBlocks", "remove_blocks"]
@@ -75,7 +75,7 @@ def remove_blocks(graph: Graph, names: Iterable[str]) -> tuple[Graph, list[Chang
         _bypass(gm, blocks[name], bypassed)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    _drop_unused_attributes(gm)
+    drop_unused_attributes(gm)
     new = graph.reexport(gm, removed=graph.removed + tuple(wanted))
     removed_nodes = before_nodes - len(new.fx.nodes)
     changes = []
@@ -88,16 +88,6 @@ def remove_blocks(graph: Graph, names: Iterable[str]) -> tuple[Graph, list[Chang
                     "graph_nodes_removed": removed_nodes},
         ))
     return new, changes
-
-
-def _drop_unused_attributes(gm: fx.GraphModule) -> None:
-    """Delete parameters and buffers that no get_attr node reads any more."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name not in used:
-            owner_path, _, attr = name.rpartition(".")
-            owner = gm.get_submodule(owner_path) if owner_path else gm
-            delattr(owner, attr)
 
 
 @register_pass

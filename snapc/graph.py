@@ -17,7 +17,18 @@ from torch import nn
 from snapc.blocks import BlockMap, build_block_map
 from snapc.macs import node_macs
 
-__all__ = ["Graph", "ModelInfo", "GraphInvalidError"]
+__all__ = ["Graph", "ModelInfo", "GraphInvalidError", "drop_unused_attributes"]
+
+
+def drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
+    """Delete the parameters and buffers of ``gm`` that no get_attr node reads any more (an
+    edited graph re-exports with only the weights it uses). Edits ``gm`` in place."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner_path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            delattr(owner, attr)
 
 
 class GraphInvalidError(RuntimeError):
@@ -63,6 +74,8 @@ class Graph:
     output_scales: dict[str, float] = field(default_factory=dict)
     retrace: Callable[[tuple[torch.Tensor, ...]], torch.export.ExportedProgram] | None = field(
         default=None, compare=False, repr=False)
+    # Per-layer quantization records (snapc.passes.quantize): {weight name: {"scheme": ...}}.
+    quant: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
     def blocks(self) -> BlockMap:

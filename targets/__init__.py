@@ -43,6 +43,11 @@ class TargetEntry:
 TARGETS: dict[str, TargetEntry] = {
     "onnx": TargetEntry("onnx", "snapc.targets.onnx", "OnnxOptions",
                         "ONNX model verified in onnxruntime (CPU)"),
+    "coreml": TargetEntry("coreml", "snapc.targets.coreml", "CoreMLOptions",
+                          "Core ML mlprogram for the Apple Neural Engine (fp16, iOS 17), "
+                          "verified by a MIL interpreter on Linux"),
+    "coreml-palette6": TargetEntry("coreml-palette6", "snapc.targets.coreml", "CoreMLOptions",
+                                   "Core ML, 6-bit palettized weights", preset={"palettize": 6}),
 }
 
 

@@ -1,0 +1,152 @@
+"""Apply per-layer weight quantization records to a Core ML mlprogram.
+
+A quantization record names a layer (``down_blocks.0.resnets.0.conv1``) or a weight
+(``...conv1.weight``) and a scheme:
+
+- ``palette8`` / ``palette6`` / ``palette4`` / ``palette2`` / ``palette1``: k-means
+  palettization with a per-tensor look-up table of 2**n fp16 values (Apple recommends >= 6 bits
+  after training);
+- ``w8``: linear symmetric int8, one scale per output channel;
+- ``fp16``: leave the weight as converted.
+
+``QuantRecords`` is the mapping ``{name: {"scheme": ...}}`` the quantization pass puts on a graph;
+a global ``palettize=n`` from the options applies ``palette{n}`` to every weight that has no
+record. Both go through ``coremltools.optimize.coreml`` (``palettize_weights``,
+``linear_quantize_weights``) with one config per constant.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from snapc.errors import SnapcError
+
+__all__ = ["QuantRecords", "SCHEMES", "QuantPlan", "plan_quantization", "apply_quantization",
+           "MIN_WEIGHT_ELEMENTS", "weight_sizes"]
+
+QuantRecords = Mapping[str, Mapping[str, Any]]
+SCHEMES = ("palette8", "palette6", "palette4", "palette2", "palette1", "w8", "fp16")
+
+# Weights with fewer elements stay fp16. Above it coremltools clusters fp16 weights with the
+# exact 1-d k-means (kmeans1d, bundled); below it it would need scikit-learn. Biases and norm
+# scales are all smaller; in SD-1.5 they are < 0.1% of the weight bytes.
+MIN_WEIGHT_ELEMENTS = 10_000
+
+_SUFFIXES = ("_to_fp16", "_to_fp32", "_cast_fp16")
+
+
+def _const_key(const_name: str) -> str:
+    """Return the torch-style key of a converted weight constant (``net_a_0_b_weight_to_fp16`` ->
+    ``a_0_b_weight``)."""
+    name = const_name
+    for suffix in _SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name.removeprefix("net_").removeprefix("p_net_")
+
+
+def _record_key(name: str) -> str:
+    """Return the key of a record name: a layer gets ``.weight``; dots become underscores."""
+    name = name.removeprefix("net.")
+    if not re.search(r"\.(weight|bias)$", name):
+        name = f"{name}.weight"
+    return name.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Which constant gets which scheme: {const name: scheme}; the records that matched no
+    constant, and the constants left fp16 because they hold < MIN_WEIGHT_ELEMENTS values."""
+
+    schemes: dict[str, str]
+    unmatched: tuple[str, ...]
+    too_small: tuple[str, ...] = ()
+
+    def counts(self) -> dict[str, int]:
+        """Return how many constants use each scheme."""
+        out: dict[str, int] = {}
+        for scheme in self.schemes.values():
+            out[scheme] = out.get(scheme, 0) + 1
+        return out
+
+
+def plan_quantization(
+    weights: Mapping[str, int], records: QuantRecords | None, palettize: int | None
+) -> QuantPlan:
+    """Map records (and the global ``palettize`` bits) onto constants.
+
+    ``weights`` maps each weight constant of the program to its element count. Returns a
+    QuantPlan; raises SnapcError for an unknown scheme.
+    """
+    if palettize is not None and f"palette{palettize}" not in SCHEMES:
+        raise SnapcError(f"cannot palettize to {palettize} bits; use 1, 2, 4, 6 or 8")
+    by_key = {_const_key(name): name for name in weights}
+    schemes: dict[str, str] = {}
+    unmatched = []
+    for name, record in (records or {}).items():
+        scheme = str(record.get("scheme", ""))
+        if scheme not in SCHEMES:
+            raise SnapcError(f"quantization record '{name}' has scheme '{scheme}'; "
+                             f"use one of {', '.join(SCHEMES)}")
+        const = by_key.get(_record_key(name))
+        if const is None:
+            unmatched.append(name)
+        else:
+            schemes[const] = scheme
+    if palettize is not None:
+        for name, size in weights.items():
+            if name not in schemes and size >= MIN_WEIGHT_ELEMENTS:
+                schemes[name] = f"palette{palettize}"
+    too_small = tuple(k for k, v in schemes.items()
+                      if v != "fp16" and weights[k] < MIN_WEIGHT_ELEMENTS)
+    schemes = {k: v for k, v in schemes.items()
+               if v != "fp16" and weights[k] >= MIN_WEIGHT_ELEMENTS}
+    return QuantPlan(schemes, tuple(unmatched), too_small)
+
+
+def weight_sizes(program: Any) -> dict[str, int]:
+    """Return {constant name: element count} of the float tensor constants of ``program``."""
+    import numpy as np
+
+    sizes = {}
+    for op in program.functions["main"].operations:
+        val = op.outputs[0].val if op.op_type == "const" else None
+        if isinstance(val, np.ndarray) and val.dtype.kind == "f" and val.ndim >= 1:
+            sizes[op.name] = int(val.size)
+    return sizes
+
+
+def apply_quantization(program: Any, plan: QuantPlan, workers: int = 1) -> None:
+    """Compress the weights of ``program`` (edited in place) as ``plan`` says.
+
+    Runs the graph passes behind ``coremltools.optimize.coreml.palettize_weights`` and
+    ``linear_quantize_weights`` (palettization first, then int8) with one config per constant,
+    on the converted program itself: the public functions would serialize the model and run
+    the whole conversion pipeline again for each call.
+    """
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.optimize.coreml import (
+        OpLinearQuantizerConfig,
+        OpPalettizerConfig,
+        OptimizationConfig,
+    )
+
+    palettes = {name: OpPalettizerConfig(nbits=int(s.removeprefix("palette")), mode="kmeans",
+                                         granularity="per_tensor", num_kmeans_workers=workers,
+                                         weight_threshold=MIN_WEIGHT_ELEMENTS)
+                for name, s in plan.schemes.items() if s.startswith("palette")}
+    int8 = {name: OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
+                                          granularity="per_channel",
+                                          weight_threshold=MIN_WEIGHT_ELEMENTS)
+            for name, s in plan.schemes.items() if s == "w8"}
+    for pass_name, configs in (("compression::palettize_weights", palettes),
+                               ("compression::linear_quantize_weights", int8)):
+        if not configs:
+            continue
+        graph_pass = PASS_REGISTRY[pass_name]
+        graph_pass.set_options([PassOption("config", OptimizationConfig(op_name_configs=configs)),
+                                PassOption("joint_compression", False)])
+        graph_pass(program)

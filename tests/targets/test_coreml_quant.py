@@ -1,0 +1,74 @@
+"""Per-layer quantization records -> coremltools.optimize.coreml on the converted program."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+ct = pytest.importorskip("coremltools")
+
+from snapc.errors import SnapcError  # noqa: E402
+from snapc.numerics import compare  # noqa: E402
+from snapc.targets.coreml_mil_interp import run_program  # noqa: E402
+from snapc.targets.coreml_quant import (  # noqa: E402
+    MIN_WEIGHT_ELEMENTS,
+    apply_quantization,
+    plan_quantization,
+    weight_sizes,
+)
+from tests.targets.coreml_models import SkipNet, convert  # noqa: E402
+
+WEIGHTS = {"net_down_blocks_0_resnets_0_conv1_weight_to_fp16": 20_000,
+           "net_down_blocks_0_resnets_0_conv1_bias_to_fp16": 320,
+           "net_mid_block_attentions_0_proj_in_weight_to_fp16": 50_000,
+           "net_conv_in_weight_to_fp16": 1_000}
+
+
+def test_records_map_layers_and_weights_to_constants() -> None:
+    plan = plan_quantization(WEIGHTS, {"down_blocks.0.resnets.0.conv1": {"scheme": "w8"},
+                                       "net.mid_block.attentions.0.proj_in.weight":
+                                           {"scheme": "palette4"}}, None)
+    assert plan.schemes == {"net_down_blocks_0_resnets_0_conv1_weight_to_fp16": "w8",
+                            "net_mid_block_attentions_0_proj_in_weight_to_fp16": "palette4"}
+    assert plan.unmatched == ()
+
+
+def test_global_palettize_skips_small_and_recorded_weights() -> None:
+    plan = plan_quantization(WEIGHTS, {"mid_block.attentions.0.proj_in": {"scheme": "fp16"},
+                                       "conv_in": {"scheme": "w8"}}, 6)
+    assert plan.schemes == {"net_down_blocks_0_resnets_0_conv1_weight_to_fp16": "palette6"}
+    assert plan.too_small == ("net_conv_in_weight_to_fp16",)
+    assert plan.counts() == {"palette6": 1}
+
+
+def test_bad_records_are_rejected() -> None:
+    with pytest.raises(SnapcError, match="scheme 'int3'"):
+        plan_quantization(WEIGHTS, {"conv_in": {"scheme": "int3"}}, None)
+    with pytest.raises(SnapcError, match="5 bits"):
+        plan_quantization(WEIGHTS, None, 5)
+    assert plan_quantization(WEIGHTS, {"no.such.layer": {"scheme": "w8"}}, None).unmatched == (
+        "no.such.layer",)
+
+
+def test_quantized_program_runs_in_the_interpreter() -> None:
+    torch.manual_seed(0)
+    module = SkipNet(channels=48).eval()
+    x = torch.randn(1, 4, 8, 8)
+    program = convert(module, (x,))._mil_program
+    feeds = {"input_0": x.numpy()}
+    (name,) = [v.name for v in program.functions["main"].outputs]
+    before = run_program(program, feeds)[name]
+    sizes = weight_sizes(program)
+    assert sum(n >= MIN_WEIGHT_ELEMENTS for n in sizes.values()) == 2  # the two mid convs
+    plan = plan_quantization(sizes, {"mid.0": {"scheme": "w8"}}, 6)
+    assert plan.counts() == {"w8": 1, "palette6": 1}
+    apply_quantization(program, plan)
+    ops = [op.op_type for op in program.functions["main"].operations]
+    assert ops.count("constexpr_lut_to_dense") == 1
+    assert ops.count("constexpr_affine_dequantize") == 1
+    after = run_program(program, feeds)[name]
+    assert not np.array_equal(before, after)  # the weights really changed
+    with torch.no_grad():
+        reference = module(x)
+    assert compare(reference, after.astype(np.float32)).psnr_db > 30
