@@ -78,12 +78,11 @@ def main() -> None:
         print(f"{name}: {stages[name][0]:.1f} s, peak RSS {stages[name][1]:.2f} GiB", flush=True)
         return value
 
-    from snapc.passes import RemoveBlocks
-    from snapc.targets.onnx import OnnxOptions, export
-
     from snapc.frontend import trace
     from snapc.models import load_model
+    from snapc.passes import RemoveBlocks
     from snapc.pipeline import PassContext, Pipeline
+    from snapc.targets.onnx import OnnxOptions, export
 
     loaded = stage("load (random init)", lambda: load_model("sd15"))
     graph = stage("trace (torch.export)", lambda: trace(loaded.module, loaded.example_inputs,

@@ -6,9 +6,9 @@ Run: python examples/custom_pass.py
 from __future__ import annotations
 
 import torch
-from snapc.passes import RemoveBlocks
 
 from snapc import Change, PassContext, PassResult, Pipeline, load_graph, snapc_pass, verify
+from snapc.passes import RemoveBlocks
 
 
 @snapc_pass(name="drop_dropout")

@@ -8,11 +8,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from snapc.passes import RemoveBlocks
-from snapc.targets import get_target
-
 import snapc
 from snapc.artifacts import atomic_output_dir
+from snapc.passes import RemoveBlocks
+from snapc.targets import get_target
 
 
 def main(out_dir: str) -> None:
