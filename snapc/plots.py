@@ -7,9 +7,21 @@ from pathlib import Path
 
 from snapc.cost.table import LatencyTable
 
-__all__ = ["plot_block_latency", "plot_predicted_vs_measured"]
+__all__ = ["plot_block_latency", "plot_predicted_vs_measured", "save_figure"]
 
 _STAGE_ORDER = ("down", "mid", "up")
+
+
+def save_figure(fig: object, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (creating folders), close it; return path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _stage_rank(stage: str) -> tuple[int, str]:
@@ -61,12 +73,7 @@ def plot_block_latency(table: LatencyTable, path: str | Path, title: str | None 
     ax.set_title(title or f"{table.model_name} on {table.device} ({table.backend}): "
                  f"blocks {table.sum_blocks_ms():.4g} ms{whole}", fontsize=9, pad=16)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_predicted_vs_measured(series: Mapping[str, tuple[list[float], list[float]]],
@@ -91,9 +98,4 @@ def plot_predicted_vs_measured(series: Mapping[str, tuple[list[float], list[floa
     ax.set_ylabel("predicted ms")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

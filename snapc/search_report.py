@@ -8,6 +8,8 @@ from typing import Any
 
 from rich.table import Table
 
+from snapc.plots import save_figure
+
 __all__ = ["search_table", "front_table", "plot_front"]
 
 
@@ -72,8 +74,4 @@ def plot_front(records: Mapping[str, Mapping[str, Any]] | Mapping[str, Any], pat
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -183,10 +183,15 @@ def _per_channel(v: Any, rank: int) -> np.ndarray:
 def _instance_norm(a: dict[str, Any]) -> np.ndarray:
     x = _f32(a["x"])
     out = _normalize(x, tuple(range(2, x.ndim)), a.get("epsilon", 1e-5))
+    return _affine(out, a, x.ndim)
+
+
+def _affine(out: np.ndarray, a: dict[str, Any], ndim: int) -> np.ndarray:
+    """Apply the optional per-channel ``gamma`` scale and ``beta`` shift of a norm op."""
     if a.get("gamma") is not None:
-        out = out * _per_channel(a["gamma"], x.ndim)
+        out = out * _per_channel(a["gamma"], ndim)
     if a.get("beta") is not None:
-        out = out + _per_channel(a["beta"], x.ndim)
+        out = out + _per_channel(a["beta"], ndim)
     return out
 
 
@@ -195,11 +200,7 @@ def _batch_norm(a: dict[str, Any]) -> np.ndarray:
     x = _f32(a["x"])
     scale = 1.0 / np.sqrt(_per_channel(a["variance"], x.ndim) + np.float32(a.get("epsilon", 1e-5)))
     out = (x - _per_channel(a["mean"], x.ndim)) * scale
-    if a.get("gamma") is not None:
-        out = out * _per_channel(a["gamma"], x.ndim)
-    if a.get("beta") is not None:
-        out = out + _per_channel(a["beta"], x.ndim)
-    return out
+    return _affine(out, a, x.ndim)
 
 
 @_kernel("softmax")
