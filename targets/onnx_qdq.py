@@ -75,8 +75,10 @@ def _weight_nodes(b: _Builder, name: str, w: torch.Tensor, record: dict[str, Any
     import ml_dtypes
 
     scheme = record["scheme"]
-    if scheme == "fp16":
-        b.node("Cast", [b.const(f"{name}_fp16", w.numpy().astype(np.float16))], name, to=1)
+    if scheme == "fp16":  # the initializer holds w.T when the exporter transposed it for MatMul
+        stored = w.T if transposed else w
+        b.node("Cast", [b.const(f"{name}_fp16", stored.contiguous().numpy().astype(np.float16))],
+               name, to=1)
         return
     codes = weight_codes(w, record)
     codes = codes.T if transposed else codes

@@ -8,10 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from snapc.calibration import calibration_inputs
+from snapc.frontend import trace
 from snapc.numerics import compare
 from snapc.passes.quantize import Quantize, apply_records_to_module, quant_records
+from snapc.passes.quantize_schemes import make_record
 from snapc.pipeline import PassContext
 from snapc.targets.onnx import OnnxOptions, export
 from snapc.targets.onnx_qdq import apply_qdq, int8_kernels
@@ -30,14 +33,9 @@ def _ort(path, graph):
     return session.run(None, feeds)[0]
 
 
-# fp16 halves the matched weights; the exporter's packed q/k/v constants stay fp32 on tiny.
-FP16_BROKEN = pytest.mark.xfail(strict=True, reason="known bug: the fp16 QDQ rewrite breaks a "
-                                "MatMul's shapes (onnxruntime refuses to load the model)")
-
-
 @pytest.mark.parametrize(("scheme", "min_psnr", "max_ratio"), [
     ("w8", 60, 0.34), ("w4", 60, 0.24), ("palette6", 60, 0.30),
-    pytest.param("fp16", 60, 0.55, marks=FP16_BROKEN), ("w8a8", 30, 0.36)])
+    ("fp16", 60, 0.55), ("w8a8", 30, 0.36)])
 def test_qdq_runs_in_onnxruntime_and_matches_fake_quant(tmp_path, fp32_onnx, tiny_graph, scheme,
                                                         min_psnr, max_ratio):
     path = tmp_path / "model.onnx"
@@ -65,3 +63,29 @@ def test_qdq_runs_in_onnxruntime_and_matches_fake_quant(tmp_path, fp32_onnx, tin
         assert kernels.get("QLinearConv", 0) > 30 and kernels.get("MatMulIntegerToFloat", 0) > 0
         assert not np.isnan(out).any()
 
+
+
+class _TwoLinear(torch.nn.Module):
+    """A square and a non-square Linear: the exporter stores both transposed for MatMul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.square = torch.nn.Linear(64, 64)
+        self.wide = torch.nn.Linear(64, 96)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wide(torch.relu(self.square(x)))
+
+
+def test_fp16_realises_transposed_matmul_weights(tmp_path):
+    torch.manual_seed(0)
+    graph = trace(_TwoLinear().eval(), (torch.randn(2, 5, 64),))
+    export(graph, tmp_path, OnnxOptions())
+    path = tmp_path / "model.onnx"
+    records = {k: make_record(t, "fp16") for k, t in
+               ((n.removeprefix("net."), t) for n, t in graph.program.state_dict.items())}
+    info = apply_qdq(path, graph, records)
+    assert info["realised"] == {"fp16": 4} and info["unmatched"] == []
+    out = _ort(path, graph)  # before the fix: the wide MatMul's shapes did not match
+    reference = apply_records_to_module(graph, records, activations=False).run()
+    assert compare(reference, out).psnr_db >= 100  # the square weight is not used transposed
