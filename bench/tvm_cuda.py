@@ -5,8 +5,9 @@ wheel (100 MB) is over the 64 MiB that one call can carry. So the work is split:
 
 1. ``prepare`` (here, where TVM and nvcc are): compile with snapc's TVM ``cuda`` target (sm_90)
    the ``tiny`` UNet at the target's default fp32 (the correctness check) and the ``sd15`` UNet
-   at fp16 (the timing), then pack what the GPU side needs: each ``model.so`` (host code plus
-   CUDA kernels) and ``manifest.json``, TVM's runtime-only Python package (no
+   at fp16 (the timing), then pack what the GPU side needs: each ``model.so`` (host code and
+   kernel source), ``cuda_kernels.cubin`` (the kernels, compiled here by nvcc) and
+   ``manifest.json``, TVM's runtime-only Python package (no
    libtvm_compiler.so), the cp312 ``apache-tvm-ffi`` wheel and the diffusers wheel. Weights are
    not carried: the GPU side rebuilds the same random-weight UNets and feeds their state dicts
    to TVM by each manifest's ``param_sources``.
@@ -66,6 +67,7 @@ def prepare(bundle: Path, build_root: Path) -> None:
     from snapc.frontend import trace
     from snapc.models import load_model
     from snapc.targets.tvm import TvmOptions, export
+    from snapc.targets.tvm_cuda import CUBIN
 
     start = time.perf_counter()
     if bundle.exists():
@@ -83,7 +85,7 @@ def prepare(bundle: Path, build_root: Path) -> None:
                                   flush=True))
             manifest.write(tmp)
         (bundle / model).mkdir()
-        for name in ("model.so", "manifest.json"):
+        for name in ("model.so", "manifest.json", CUBIN):
             shutil.copyfile(folder / name, bundle / model / name)
     _runtime_tarball(bundle)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -167,6 +169,9 @@ def _tvm_module(folder: Path, inputs: tuple, info: dict, weights: dict) -> tuple
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
+    from snapc.targets.tvm_cuda import use_precompiled_kernels
+
+    use_precompiled_kernels(folder)  # the runtime-only TVM cannot compile CUDA source itself
     device = tvm.cuda(0)
     vm = VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), device)
     args = [tvm.runtime.tensor(t.numpy(), device) for t in inputs]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx
 
-from snapc.graph import Graph
+from snapc.graph import Graph, eliminate_dead_code
 from snapc.passes import fused_ops  # noqa: F401 - registers torch.ops.snapc
 from snapc.passes.fuse_common import add_weight, apply_rules, fetch, tensor_meta
 from snapc.passes.rewrite import Hit, module_path
@@ -158,7 +158,7 @@ def _ane_edit(gm: fx.GraphModule, chunk: int) -> list[Hit]:
         detail = {"heads": heads, "query_chunks": max(1, -(-seq // chunk)),
                   "conv_projections": conv.convs}
         hits.append(Hit("ane_split_einsum", module_path(node), 1, attn.name, detail))
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     return hits

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from snapc.errors import VerificationError
-from snapc.graph import Graph, drop_unused_attributes
+from snapc.graph import Graph, drop_unused_attributes, eliminate_dead_code
 from snapc.numerics import Numerics, verify
 from snapc.passes.rewrite import Hit, Rule, rewrite
 from snapc.pipeline import Change, PassContext, PassResult
@@ -67,7 +67,7 @@ def finish(graph: Graph, gm: fx.GraphModule, hits: list[Hit], pass_name: str,
     """
     if not hits:
         return PassResult(graph, ())
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     drop_unused_attributes(gm)
     gm.recompile()

@@ -20,7 +20,7 @@ from torch import fx
 
 from snapc.blocks import TRANSFORMER, Block
 from snapc.errors import SnapcError, UnknownNameError
-from snapc.graph import Graph, drop_unused_attributes
+from snapc.graph import Graph, drop_unused_attributes, eliminate_dead_code
 from snapc.pipeline import Change, PassContext, PassResult, register_pass
 
 __all__ = ["RemoveBlocks", "remove_blocks"]
@@ -73,7 +73,7 @@ def remove_blocks(graph: Graph, names: Iterable[str]) -> tuple[Graph, list[Chang
     bypassed: dict[fx.Node, fx.Node] = {}
     for name in wanted:
         _bypass(gm, blocks[name], bypassed)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     drop_unused_attributes(gm)
     new = graph.reexport(gm, removed=graph.removed + tuple(wanted))

@@ -17,7 +17,41 @@ from torch import nn
 from snapc.blocks import BlockMap, build_block_map
 from snapc.macs import node_macs
 
-__all__ = ["Graph", "ModelInfo", "GraphInvalidError", "drop_unused_attributes"]
+__all__ = ["Graph", "ModelInfo", "GraphInvalidError", "drop_unused_attributes",
+           "eliminate_dead_code"]
+
+# FX's dead-code elimination keeps every node it calls impure and all that node reads. Random
+# ops count as impure (dropout, and SDPA for its dropout_p) though they are identities or pure
+# in an eval graph, and so do export's metadata assertions: a bypassed block would still run.
+# Here a node is kept when it writes to memory (a mutable schema) or is a module call (export's
+# input guards); an assertion is kept while the tensor it checks is live.
+_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default}
+
+
+def _side_effect(node: torch.fx.Node) -> bool:
+    if node.op in ("placeholder", "output", "call_module", "call_method"):
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target in _ASSERTS:
+        checked = node.args[0] if node.args else None
+        return not isinstance(checked, torch.fx.Node) or any(
+            user.target not in _ASSERTS for user in checked.users)
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return bool(schema.is_mutable)
+    return node.is_impure()
+
+
+def eliminate_dead_code(gm: torch.fx.GraphModule) -> int:
+    """Drop the nodes of ``gm`` whose values no output needs (random ops in eval graphs and
+    assertions on dead tensors included; see ``_side_effect``). Edits ``gm`` in place;
+    returns the number of nodes removed."""
+    before = len(gm.graph.nodes)
+    while gm.graph.eliminate_dead_code(is_impure_node=_side_effect):
+        pass
+    gm.recompile()
+    return before - len(gm.graph.nodes)
 
 
 def drop_unused_attributes(gm: torch.fx.GraphModule) -> None:

@@ -15,7 +15,7 @@ from torch import fx
 
 from snapc.blocks import Block
 from snapc.errors import SnapcError
-from snapc.graph import Graph
+from snapc.graph import Graph, eliminate_dead_code
 
 __all__ = ["IsolatedBlock", "isolate_block", "isolate_blocks", "block_inputs"]
 
@@ -72,7 +72,7 @@ def _cut(unlifted: fx.GraphModule, block: Block) -> fx.GraphModule:
         env[node] = sub.node_copy(node, arg)
     sub.output(env[by_name[block.exit]])
     module = fx.GraphModule(unlifted, sub, class_name="IsolatedBlock")
-    module.graph.eliminate_dead_code()
+    eliminate_dead_code(module)
     module.recompile()
     return module
 

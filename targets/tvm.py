@@ -13,7 +13,8 @@ target with dlight default GPU schedules, compiles, and writes:
 Verification always runs; what it can do depends on the target:
 
 * ``x86``: the written model.so and weights run here and must reach ``min_psnr_db`` against
-  PyTorch. ``cuda``: the same on a CUDA device; without one the build is compiled (nvcc) but
+  PyTorch. ``cuda``: the kernels are compiled here to a cubin with nvcc (``cuda_kernels.cubin``,
+  see snapc.targets.tvm_cuda), then run as for x86 on a CUDA device; without one they are
   not run, and the manifest says so. ``arm-cpu``: built and linked only.
 * ``mali``/``adreno``: every OpenCL kernel is compiled by a real OpenCL compiler (PoCL); an fp16
   build is checked through its fp32 twin (same graph and pipeline) when no device has
@@ -241,6 +242,18 @@ def _opencl_source(executable: tvm.runtime.Executable) -> str:
     raise SnapcError("the TVM build has no OpenCL module; report this with the target used")
 
 
+def _cuda_kernels(executable: tvm.runtime.Executable, target: tvm.target.Target,
+                  out_dir: Path) -> dict[str, Any]:
+    """Compile the build's CUDA kernels to a cubin in ``out_dir`` and register it for loading
+    (TVM 0.27 without a CUDA driver stores kernel source; see snapc.targets.tvm_cuda)."""
+    from snapc.targets.tvm_cuda import CUBIN, compile_kernels, cuda_source, register_kernels
+
+    source = cuda_source(executable)
+    info = compile_kernels(source, target, out_dir / CUBIN)
+    register_kernels((out_dir / CUBIN).read_bytes(), info["source_sha256"], CUBIN)
+    return info
+
+
 def _cuda_device_here() -> tvm.runtime.Device | None:
     import tvm
 
@@ -265,7 +278,8 @@ def _verify(spec: TvmTargetSpec, folder: Path, graph: Graph, imported: Imported,
         if device is not None:
             progress("running model.so on the GPU against PyTorch")
             return _run_here(folder, graph, imported, device, min_psnr)
-        return {"passed": None, "compiled": "CUDA kernels compiled by nvcc during the build",
+        return {"passed": None,
+                "compiled": f"CUDA kernels compiled by nvcc to {options.cuda_arch} cubin",
                 "ran": False, "reason": "no CUDA device on this machine; rerun the export on "
                 "a GPU machine to compare with PyTorch"}
     return {"passed": None, "ran": False, "compiled": "aarch64 LLVM codegen and link",
@@ -322,6 +336,12 @@ def export(
 
     start = time.perf_counter()
     _write_library(executable, out_dir / LIBRARY, toolchain)
+    files = {"library": LIBRARY, "params": PARAMS, "run_on_device": SCRIPT}
+    cuda_kernels = None
+    if spec.device == "cuda":
+        progress(f"compiling the CUDA kernels for {options.cuda_arch} (nvcc)")
+        cuda_kernels = _cuda_kernels(executable, target, out_dir)
+        files["cuda_kernels"] = cuda_kernels["file"]
     param_dtypes = _write_params(built, out_dir / PARAMS)
     shutil.copyfile(Path(__file__).with_name("tvm_rpc.py"), out_dir / SCRIPT)
     timings["write_s"] = time.perf_counter() - start
@@ -339,7 +359,7 @@ def export(
 
     return Manifest.for_graph(
         graph, spec.name,
-        files={"library": LIBRARY, "params": PARAMS, "run_on_device": SCRIPT},
+        files=files,
         target_options=asdict(options), verification=verification,
         versions=versions("apache-tvm", "pyopencl", "diffusers"), notes=notes,
         extra={"tvm": {
@@ -349,6 +369,7 @@ def export(
             "tensor_cores": spec.device == "cuda" and options.tensor_cores,
             "param_order": imported.param_names, "param_dtypes": param_dtypes,
             "param_sources": imported.param_sources,
+            **({"cuda_kernels": cuda_kernels} if cuda_kernels else {}),
             "toolchain": toolchain.to_json() if toolchain else {"compiler": "g++ (host)"},
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "library_bytes": (out_dir / LIBRARY).stat().st_size,

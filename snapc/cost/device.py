@@ -36,8 +36,11 @@ class DeviceProfile:
     fraction of its roofline time it reaches; ``launch_us`` is the fixed cost per kernel;
     ``fused_attention`` says the score matrix stays on chip; ``fuses_elementwise`` says
     element-wise epilogues are folded into the producing kernel; ``view_us`` is the dispatch
-    cost of a view op (reshape, permute) in eager runtimes. ``fit`` records how the
-    efficiencies were fitted (None for priors).
+    cost of a view op (reshape, permute) in eager runtimes. ``small_gemm_rows`` maps conv
+    and matmul to the GEMM row count M at which that class reaches half its efficiency
+    (efficiency x M / (M + m); absent or 0: no size effect); it is fitted from measured
+    tables, as small-spatial convs on CPUs and GPUs fall well below large ones. ``fit``
+    records how the efficiencies were fitted (None for priors).
     """
 
     name: str
@@ -49,6 +52,7 @@ class DeviceProfile:
     fused_attention: bool = False
     fuses_elementwise: bool = False
     view_us: float = 0.0
+    small_gemm_rows: Mapping[str, float] = field(default_factory=dict)
     source: str = ""
     fit: Mapping[str, Any] | None = field(default=None, compare=False)
 
@@ -61,10 +65,13 @@ class DeviceProfile:
         return 1e9 * self.memory_gbps
 
     def with_fit(self, efficiency: Mapping[str, float], launch_us: float,
-                 report: Mapping[str, Any], view_us: float | None = None) -> DeviceProfile:
+                 report: Mapping[str, Any], view_us: float | None = None,
+                 small_gemm_rows: Mapping[str, float] | None = None) -> DeviceProfile:
         """Return a copy with fitted efficiencies and overheads (this one is unchanged)."""
         return replace(self, efficiency=dict(efficiency), launch_us=float(launch_us),
                        view_us=self.view_us if view_us is None else float(view_us),
+                       small_gemm_rows=dict(self.small_gemm_rows if small_gemm_rows is None
+                                            else small_gemm_rows),
                        fit=dict(report))
 
     def to_json(self) -> dict[str, Any]:
@@ -72,6 +79,7 @@ class DeviceProfile:
         data = asdict(self)
         data["peak_tflops"] = dict(self.peak_tflops)
         data["efficiency"] = dict(self.efficiency)
+        data["small_gemm_rows"] = dict(self.small_gemm_rows)
         return data
 
 
@@ -126,6 +134,8 @@ def profile_from_dict(data: Mapping[str, Any], where: str) -> DeviceProfile:
         fused_attention=bool(data.get("fused_attention", False)),
         fuses_elementwise=bool(data.get("fuses_elementwise", False)),
         view_us=float(data.get("view_us", 0.0)),
+        small_gemm_rows={str(k): float(v) for k, v in
+                         dict(data.get("small_gemm_rows") or {}).items()},
         source=where,
         fit=data.get("fit"),
     )

@@ -64,4 +64,8 @@ def node_seconds(work: NodeWork, device: DeviceProfile, dtype: str) -> float:
         return 0.0
     if line.op_class == VIEW:
         return device.view_us * 1e-6
-    return line.base_s / device.efficiency[line.op_class] + line.launches * device.launch_us * 1e-6
+    seconds = line.base_s / device.efficiency[line.op_class]
+    half_rows = device.small_gemm_rows.get(line.op_class, 0.0)
+    if half_rows and work.rows:
+        seconds *= 1.0 + half_rows / work.rows  # efficiency x M / (M + m)
+    return seconds + line.launches * device.launch_us * 1e-6

@@ -59,7 +59,9 @@ class NodeWork:
 
     ``fusable`` marks element-wise epilogues (add, mul, activations) that a compiling runtime
     folds into the producing kernel; ``attention_scores`` is the element count of the score
-    matrix a non-fused attention materialises (0 for other ops).
+    matrix a non-fused attention materialises (0 for other ops); ``rows`` is the M of a conv
+    or linear as a GEMM (output pixels or tokens, batch included; 0 for other ops): small
+    GEMMs reach a lower fraction of peak, which the fitted cost model learns per device.
     """
 
     op_class: str
@@ -68,18 +70,20 @@ class NodeWork:
     launches: int = 1
     fusable: bool = False
     attention_scores: float = 0.0
+    rows: int = 0
 
     def to_json(self) -> list[object]:
-        """Return a compact JSON row ``[class, flops, bytes, launches, fusable, scores]``."""
+        """Return a compact JSON row ``[class, flops, bytes, launches, fusable, scores, rows]``."""
         return [self.op_class, self.flops, self.bytes, self.launches, self.fusable,
-                self.attention_scores]
+                self.attention_scores, self.rows]
 
     @classmethod
     def from_json(cls, row: list[object]) -> NodeWork:
-        """Return the NodeWork written by :meth:`to_json`."""
-        op_class, flops, nbytes, launches, fusable, scores = row
+        """Return the NodeWork written by :meth:`to_json` (tables from before ``rows`` have
+        six columns and read as rows 0)."""
+        op_class, flops, nbytes, launches, fusable, scores, *rest = row
         return cls(str(op_class), float(flops), float(nbytes), int(launches), bool(fusable),
-                   float(scores))
+                   float(scores), int(rest[0]) if rest else 0)
 
 
 def dtype_key(dtype: torch.dtype | str) -> str:
@@ -183,7 +187,8 @@ def node_work(node: fx.Node, dtype: str | None = None) -> NodeWork | None:
     counted = node_macs(node)
     if counted is not None:
         op_class = {"conv": CONV, "linear": MATMUL}.get(counted.op_class, ATTENTION)
-        return NodeWork(op_class, 2.0 * counted.macs, in_bytes + out_bytes)
+        return NodeWork(op_class, 2.0 * counted.macs, in_bytes + out_bytes,
+                        rows=_gemm_rows(outputs[0], op_class))
     if target in _SOFTMAX:
         return NodeWork(ATTENTION, 5.0 * out_numel, in_bytes + out_bytes)
     if target in _NORMS:
@@ -192,6 +197,17 @@ def node_work(node: fx.Node, dtype: str | None = None) -> NodeWork | None:
     flops = _ACTIVATION_FLOPS.get(target, 1) * out_numel
     return NodeWork(ELEMENTWISE, float(flops), in_bytes + out_bytes,
                     fusable=target not in _COPIES)
+
+
+def _gemm_rows(output: torch.Tensor, op_class: str) -> int:
+    """Return M of the op as a GEMM: batch x output pixels for a conv (NCHW), every leading
+    dimension for a linear or matmul; 0 for attention (fitted without a size term)."""
+    shape = [int(d) for d in output.shape]
+    if op_class == CONV and len(shape) >= 3:
+        return shape[0] * math.prod(shape[2:])
+    if op_class == MATMUL and shape:
+        return math.prod(shape[:-1])
+    return 0
 
 
 def _attention_work(node: fx.Node, inputs: list[torch.Tensor], io_bytes: int) -> NodeWork:
