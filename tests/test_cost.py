@@ -165,6 +165,25 @@ def test_fit_recovers_known_efficiencies(tiny_graph):
     assert prior.efficiency["conv"] == 1.2  # the prior profile is unchanged
 
 
+def test_fit_recovers_a_small_gemm_penalty(tiny_graph):
+    # efficiency falling with the GEMM size (small-spatial convs): a per-class efficiency
+    # alone cannot fit it, the size term can
+    prior = load_device("local-cpu")
+    truth = dataclasses.replace(prior.with_fit(
+        {"conv": 0.5, "matmul": 0.3, "attention": 0.2, "norm": 0.2, "elementwise": 0.2},
+        10.0, {}, small_gemm_rows={"conv": 400.0, "matmul": 50.0}), fit=None)
+    table = _synthetic_table(tiny_graph, truth)
+    fitted = fit(prior, table)
+    assert fitted.small_gemm_rows["conv"] == pytest.approx(400.0, rel=0.3)  # few sizes in tiny
+    truth_model, fitted_model = CostModel(truth), CostModel(fitted)
+    for block in tiny_graph.blocks:
+        assert fitted_model.estimate_block(block, tiny_graph).ms == pytest.approx(
+            truth_model.estimate_block(block, tiny_graph).ms, rel=0.05)
+    without = dataclasses.replace(truth, small_gemm_rows={})
+    assert CostModel(without).estimate_graph(tiny_graph).total_ms < \
+        truth_model.estimate_graph(tiny_graph).total_ms
+
+
 def test_measured_entries_win_and_the_rest_is_fitted(tiny_graph):
     device = load_device("h100")
     table = _synthetic_table(tiny_graph, device, whole_ms=50.0)

@@ -125,6 +125,36 @@ def test_x86_matches_pytorch_and_writes_a_complete_folder(x86: tuple[Path, Manif
     assert (folder / "run_on_device.py").read_text().startswith('"""Upload a TVM artifact')
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
+def test_cuda_kernels_are_compiled_ahead_and_served_only_for_their_source(
+        graph: Graph, tmp_path: Path) -> None:
+    from snapc.targets.tvm_cuda import CALLBACK, use_precompiled_kernels
+
+    manifest, _ = _build(graph, tmp_path, target="cuda")
+    kernels = json.loads((tmp_path / "manifest.json").read_text())["extra"]["tvm"]["cuda_kernels"]
+    cubin = (tmp_path / kernels["file"]).read_bytes()
+    assert cubin[:4] == b"\x7fELF" and kernels["arch"] == "sm_90" and kernels["kernels"] > 0
+    assert manifest.files["cuda_kernels"] == kernels["file"]
+    if not tvm.cuda(0).exist:
+        assert manifest.verification["passed"] is None
+        assert "nvcc" in manifest.verification["compiled"]
+    assert use_precompiled_kernels(tmp_path) == tmp_path / kernels["file"]
+    callback = tvm.get_global_func(CALLBACK)
+    with pytest.raises(Exception, match="built from another CUDA source"):
+        callback("extern \"C\" __global__ void edited() {}")
+
+
+def test_the_cuda_callback_serves_the_cubin_for_its_own_source() -> None:
+    from snapc.targets.tvm_cuda import CALLBACK, register_kernels, source_digest
+
+    source = "extern \"C\" __global__ void k(float* x) { x[0] = 1.0f; }"
+    register_kernels(b"\x7fELF-cubin", source_digest(source))
+    callback = tvm.get_global_func(CALLBACK)
+    assert bytes(callback(source)) == b"\x7fELF-cubin"
+    with pytest.raises(Exception, match="built from another CUDA source"):
+        callback(source + " ")
+
+
 @needs_opencl
 def test_mali_fp16_builds_for_aarch64_and_its_twin_kernels_compile_and_match(
         graph: Graph, tmp_path: Path) -> None:
