@@ -127,7 +127,10 @@ def held_out(table: LatencyTable, device_name: str) -> dict:
         fitted = fit(device, table, names=train)
         fits.append({"efficiency": {k: round(v, 4) for k, v in fitted.efficiency.items()},
                      "launch_us": round(fitted.launch_us, 2),
-                     "view_us": round(fitted.view_us, 2), **fitted.fit})
+                     "view_us": round(fitted.view_us, 2),
+                     "small_gemm_rows": {k: round(v, 1)
+                                         for k, v in fitted.small_gemm_rows.items()},
+                     **fitted.fit})
         model = CostModel(fitted)
         for n in test:
             macs_pred[n] = scale * macs[n]
