@@ -208,7 +208,9 @@ def apply_qdq(model_path: Path | str, graph: Graph,
         replaced.add(name)
         if record["scheme"] == "w8a8" and "input_scale" in record and name in consumers:
             _activation_nodes(b, model, consumers[name], name, record)
-    kept = [i for i in model.graph.initializer if i.name not in replaced]
+    used = {i for node in list(model.graph.node) + b.nodes for i in node.input}
+    orphaned = {name for name in consumers if name not in used}  # fp32 biases now int32
+    kept = [i for i in model.graph.initializer if i.name not in replaced | orphaned]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + b.inits)
     _insert_nodes(model, b.nodes)

@@ -45,7 +45,10 @@ def test_qdq_runs_in_onnxruntime_and_matches_fake_quant(tmp_path, fp32_onnx, tin
     if scheme == "fp16":  # weights only in ONNX: compare with fp16 weights, fp32 compute
         records = {k: v for k, v in records.items() if not k.startswith("node:")}
     info = apply_qdq(path, tiny_graph, records)
-    onnx.checker.check_model(onnx.load(str(path)))
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    used = {name for node in model.graph.node for name in node.input}
+    assert [i.name for i in model.graph.initializer if i.name not in used] == []  # w8a8 biases
     # the ONNX optimizer packs self-attention q/k/v weights into one constant and folds the
     # transformer blocks' first LayerNorm constants: those stay fp32 (reported as unmatched)
     assert all(".attn1.to_" in k or ".norm1." in k for k in info["unmatched"])
