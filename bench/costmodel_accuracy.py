@@ -52,6 +52,7 @@ OUT = HERE / "out"
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Cost model"
 console = Console(stderr=True)
+GPU_SAMPLE_MS = 5.0  # a GPU sample averages back-to-back calls over at least this long
 
 # Published figures (see /work/shared/REFERENCES.md).
 APPLE_SD21_ITS = 2.69  # iPhone 14 Pro Max, SD-2.1-base, 6-bit, CPU_AND_NE, SPLIT_EINSUM_V2
@@ -90,7 +91,8 @@ def _profile(model: str, latent: int | None, device: str, repeats: int, warmup: 
     console.print(f"[bold]{model}[/]: loading and tracing")
     graph = load_graph(model, latent=latent, device=device)  # trace where it runs
     options = ProfileOptions(device=device, repeats=repeats, warmup=warmup, threads=threads,
-                             clock=clock, device_name="h100" if device == "cuda" else None)
+                             clock=clock, device_name="h100" if device == "cuda" else None,
+                             min_sample_ms=GPU_SAMPLE_MS if device == "cuda" else 0.0)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"
                   "/{task.total}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(model, total=1)

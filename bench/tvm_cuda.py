@@ -249,7 +249,8 @@ def main() -> None:
     if not args.inner:
         site = _unpack(bundle)
         env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1",
-               "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+               "PYTHONPATH": os.pathsep.join(
+                   [str(site), *filter(None, [os.environ.get("PYTHONPATH")]), str(REPO)])}
         code = subprocess.run([sys.executable, __file__, "run", "--bundle", str(bundle),
                                "--repeat", str(args.repeat), "--inner"], env=env).returncode
         shutil.rmtree(site, ignore_errors=True)

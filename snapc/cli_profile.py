@@ -77,7 +77,8 @@ def profile_command(
     options = ProfileOptions(backend=backend, device=device, repeats=repeats, warmup=warmup,
                              rpc=rpc, target=target, device_name=device_name,
                              blocks=tuple(block) if block else None, threads=threads, clock=clock,
-                             rpc_timeout_s=rpc_timeout)
+                             rpc_timeout_s=rpc_timeout,
+                             min_sample_ms=5.0 if device == "cuda" else 0.0)
     try:
         timer = make_timer(options)  # fails fast: missing backend, RPC host not answering
         with err.status(f"loading and tracing {model}"):

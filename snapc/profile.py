@@ -12,6 +12,7 @@ Library code: progress goes to a callback, nothing is printed.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import time
@@ -27,7 +28,14 @@ from snapc.cost.model import non_block_work as graph_non_block_work
 from snapc.cost.table import BlockEntry, LatencyTable, summarize
 from snapc.errors import UnknownNameError
 from snapc.graph import Graph
-from snapc.profile_backends import CoreMLTimer, OrtTimer, Timer, TorchTimer, time_calls
+from snapc.profile_backends import (
+    CoreMLTimer,
+    OrtTimer,
+    Runner,
+    Timer,
+    TorchTimer,
+    time_calls,
+)
 from snapc.profile_blocks import isolate_blocks
 
 __all__ = ["ProfileOptions", "BACKENDS", "profile_graph", "make_timer", "default_device_name"]
@@ -47,7 +55,9 @@ class ProfileOptions:
     ``rpc_timeout_s``: how long to wait for the RPC server to answer. ``threads``: torch CPU
     threads while timing (1 is steadier on a shared machine; None keeps torch's default).
     ``clock``: "wall" or "cpu" (torch on cpu with one thread: the thread's CPU time, which
-    ignores time lost to other processes).
+    ignores time lost to other processes). ``min_sample_ms``: each sample is the mean of as
+    many back-to-back calls as fill this time (at most 100), so sub-millisecond GPU blocks are
+    not dominated by the first call of a round; 0 means one call per sample.
     """
 
     backend: str = "torch"
@@ -64,6 +74,7 @@ class ProfileOptions:
     compute_units: str = "CPU_AND_NE"
     threads: int | None = None
     clock: str = "wall"
+    min_sample_ms: float = 0.0
 
 
 @contextlib.contextmanager
@@ -123,6 +134,22 @@ def _machine(timer: Timer, options: ProfileOptions) -> dict[str, Any]:
     return info
 
 
+def _batched(runner: Runner, options: ProfileOptions) -> Runner:
+    """Warm ``runner`` up; return it, or when one call is shorter than
+    ``options.min_sample_ms`` a runner returning the mean of enough back-to-back calls."""
+    time_calls(runner, options.warmup, 0)
+    if not options.min_sample_ms:
+        return runner
+    calls = min(100, math.ceil(options.min_sample_ms / max(runner(), 1e-3)))
+    if calls <= 1:
+        return runner
+
+    def mean_of_calls() -> float:
+        return sum(runner() for _ in range(calls)) / calls
+
+    return mean_of_calls
+
+
 def profile_graph(graph: Graph, options: ProfileOptions = ProfileOptions(),
                   progress: Progress | None = None,
                   timer: Timer | None = None) -> LatencyTable:
@@ -147,12 +174,12 @@ def profile_graph(graph: Graph, options: ProfileOptions = ProfileOptions(),
         runners = []
         for done, item in enumerate(isolated):
             progress(f"prepare + warm up {item.name}", done, total)
-            runners.append(timer.prepare(item.name, item.module, item.inputs))
-            time_calls(runners[-1], options.warmup, 0)
+            runners.append(_batched(timer.prepare(item.name, item.module, item.inputs),
+                                    options))
         if options.whole_model:
             progress("prepare + warm up whole model", len(isolated), total)
-            runners.append(timer.prepare("whole model", graph.module(), graph.example_inputs))
-            time_calls(runners[-1], options.warmup, 0)
+            runners.append(_batched(timer.prepare("whole model", graph.module(),
+                                                  graph.example_inputs), options))
         samples: list[list[float]] = [[] for _ in runners]
         # Interleaved rounds: a load spike from other processes hits every block alike
         # instead of all repeats of one block.
