@@ -73,6 +73,37 @@ def test_profile_torch_writes_a_table_the_cost_model_uses(tiny_graph, tmp_path):
     assert estimate.non_block_source == "measured"
 
 
+class _CountingTimer:
+    """A timer whose calls all take 0.5 ms of (pretend) time, counting how often it is run."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def prepare(self, label, module, inputs):
+        self.calls[label] = 0
+
+        def run() -> float:
+            self.calls[label] += 1
+            return 0.5
+
+        return run
+
+
+def test_short_samples_average_back_to_back_calls(tiny_graph):
+    timer = _CountingTimer()
+    options = ProfileOptions(blocks=SMALL[:1], repeats=3, warmup=1, min_sample_ms=5.0)
+    table = profile_graph(tiny_graph, options, timer=timer)
+    # warm-up 1 + one sizing call + 3 samples of ceil(5 / 0.5) = 10 calls each
+    assert timer.calls[SMALL[0]] == 1 + 1 + 3 * 10
+    assert table.blocks[0].timing.median_ms == 0.5
+    once = _CountingTimer()
+    profile_graph(tiny_graph, ProfileOptions(blocks=SMALL[:1], repeats=3, warmup=1),
+                  timer=once)
+    assert once.calls[SMALL[0]] == 1 + 3
+
+
 def test_profile_onnxruntime_times_the_exported_block(tiny_graph):
     options = ProfileOptions(backend="onnxruntime", repeats=2, warmup=1, blocks=SMALL[:1],
                              whole_model=False)
