@@ -322,6 +322,16 @@ def export(
     target = _tvm_target(spec, toolchain, options)
     out_dir, notes, timings = Path(out_dir), [], {}
 
+    quantized: dict[str, Any] = {}
+    if graph.quant:
+        from snapc.targets.tvm_quant import dequantizing_graph
+
+        progress("storing quantized weights as integer codes (dequantized on the device)")
+        graph, quantized = dequantizing_graph(graph, graph.quant)
+        notes.append(f"{len(quantized)} weights stored as integer codes and dequantized in "
+                     "the graph; verified against PyTorch running the same dequantization"
+                     if quantized else "the quantization records have no TVM realisation "
+                     "(only fp16): weights stored in the build's precision")
     progress("importing into TVM Relax (fp32)")
     imported = import_graph(graph.program)
     timings["import_s"] = imported.import_s
@@ -370,6 +380,7 @@ def export(
             "param_order": imported.param_names, "param_dtypes": param_dtypes,
             "param_sources": imported.param_sources,
             **({"cuda_kernels": cuda_kernels} if cuda_kernels else {}),
+            **({"quantized_weights": quantized} if quantized else {}),
             "toolchain": toolchain.to_json() if toolchain else {"compiler": "g++ (host)"},
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "library_bytes": (out_dir / LIBRARY).stat().st_size,

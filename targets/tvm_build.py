@@ -100,8 +100,9 @@ def to_fp16(imported: Imported) -> Imported:
     """
     from tvm import relax
 
-    convert = relax.transform.ToMixedPrecision(out_dtype="float32",
-                                               fp16_input_names=imported.param_names)
+    floats = [n for n, v in zip(imported.param_names, imported.params, strict=True)
+              if np.issubdtype(v.dtype, np.floating)]  # quantized codes stay integers
+    convert = relax.transform.ToMixedPrecision(out_dtype="float32", fp16_input_names=floats)
     return replace(imported, module=convert(imported.module))
 
 

@@ -125,6 +125,40 @@ def test_x86_matches_pytorch_and_writes_a_complete_folder(x86: tuple[Path, Manif
     assert (folder / "run_on_device.py").read_text().startswith('"""Upload a TVM artifact')
 
 
+@pytest.mark.parametrize("scheme", ["w8", "w4", "palette4"])
+def test_quantized_weights_are_stored_as_codes_and_dequantized_in_the_graph(
+        graph: Graph, scheme: str) -> None:
+    from snapc.numerics import compare
+    from snapc.passes.quantize import Quantize, apply_records_to_module
+    from snapc.pipeline import PassContext
+    from snapc.targets.tvm_quant import dequantizing_graph
+
+    quantized = Quantize(scheme=scheme).run(graph, PassContext()).graph
+    stored, summary = dequantizing_graph(quantized, quantized.quant)
+    assert summary and all(s["scheme"] == scheme for s in summary.values())
+    codes = [t for n, t in stored.program.state_dict.items() if n.endswith("_codes")]
+    assert len(codes) == len(summary)
+    assert {t.dtype for t in codes} == {torch.uint8 if scheme == "palette4" else torch.int8}
+    fake = apply_records_to_module(quantized, activations=False)  # the pass's own reference
+    assert compare(fake.run(), stored.run()).psnr_db > 100
+    assert compare(graph.run(), stored.run()).psnr_db < 100  # really quantized
+
+
+def test_x86_w8_build_stores_int8_weights_and_matches(graph: Graph, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from snapc.passes.quantize import Quantize
+    from snapc.pipeline import PassContext
+
+    quantized = Quantize(scheme="w8").run(graph, PassContext()).graph
+    manifest, _ = _build(quantized, tmp_path, target="x86")
+    assert manifest.verification["passed"] and manifest.verification["psnr_db"] >= 60
+    weights = load_file(str(tmp_path / "params.safetensors"))
+    info = json.loads((tmp_path / "manifest.json").read_text())["extra"]["tvm"]
+    int8 = [n for n, w in weights.items() if str(w.dtype) == "int8"]
+    assert len(int8) == len(info["quantized_weights"]) > 0
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
 def test_cuda_kernels_are_compiled_ahead_and_served_only_for_their_source(
         graph: Graph, tmp_path: Path) -> None:
