@@ -184,6 +184,23 @@ def test_fit_recovers_a_small_gemm_penalty(tiny_graph):
         truth_model.estimate_graph(tiny_graph).total_ms
 
 
+def test_quantized_weights_cost_their_stored_bytes(tiny_graph):
+    from snapc.passes.quantize import Quantize
+    from snapc.pipeline import PassContext
+
+    phone = CostModel("adreno740", dtype="fp16")  # bandwidth-bound: weight bytes show up
+    plain = phone.estimate_graph(tiny_graph).total_ms
+    w8 = Quantize(scheme="w8").run(tiny_graph, PassContext()).graph
+    palette4 = Quantize(scheme="palette4").run(tiny_graph, PassContext()).graph
+    assert phone.estimate_graph(palette4).total_ms < phone.estimate_graph(w8).total_ms < plain
+    conv = "down_blocks.0.resnets.0"
+    bytes_fp16 = sum(w.bytes for w in block_work(tiny_graph, tiny_graph.blocks[conv], "fp16"))
+    bytes_w8 = sum(w.bytes for w in block_work(w8, w8.blocks[conv], "fp16"))
+    weights = sum(p.numel() for n, p in tiny_graph.program.state_dict.items()
+                  if n.startswith(f"net.{conv}.") and n.endswith("weight") and p.dim() > 1)
+    assert bytes_fp16 - bytes_w8 == pytest.approx(weights * (2 - 1), rel=0.01)
+
+
 def test_measured_entries_win_and_the_rest_is_fitted(tiny_graph):
     device = load_device("h100")
     table = _synthetic_table(tiny_graph, device, whole_ms=50.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,18 +104,43 @@ def _nodes_by_name(graph: Graph) -> dict[str, fx.Node]:
     return found
 
 
-def block_work(graph: Graph, block: Block, dtype: str | None = None) -> list[NodeWork]:
-    """Return the roofline work of ``block``'s nodes in ``graph`` (views included)."""
+def quantized_inputs(graph: Graph) -> tuple[dict[str, int], frozenset[str]]:
+    """Return what the graph's quantization records (``Graph.quant``) change for the roofline:
+    {weight placeholder name: stored bits} and the nodes computing in int8 (w8a8 layers)."""
+    records = getattr(graph, "quant", None) or {}
+    if not records:
+        return {}, frozenset()
     nodes = _nodes_by_name(graph)
-    found = (node_work(nodes[name], dtype) for name in block.nodes if name in nodes)
+    prefix = f"{graph.root}."
+    bits: dict[str, int] = {}
+    int8: set[str] = set()
+    for placeholder, target in graph.program.graph_signature.inputs_to_parameters.items():
+        record = records.get(target.removeprefix(prefix))
+        if record is None or "bits" not in record:
+            continue
+        bits[placeholder] = int(record["bits"])
+        if record.get("scheme") == "w8a8" and placeholder in nodes:
+            int8.update(user.name for user in nodes[placeholder].users)
+    return bits, frozenset(int8)
+
+
+def _work(graph: Graph, names: Iterable[str], dtype: str | None) -> list[NodeWork]:
+    nodes = _nodes_by_name(graph)
+    bits, int8 = quantized_inputs(graph)
+    found = (node_work(nodes[name], dtype, bits, int8) for name in names if name in nodes)
     return [w for w in found if w is not None]
+
+
+def block_work(graph: Graph, block: Block, dtype: str | None = None) -> list[NodeWork]:
+    """Return the roofline work of ``block``'s nodes in ``graph`` (views included; quantized
+    weights at their stored size, see :func:`quantized_inputs`)."""
+    return _work(graph, block.nodes, dtype)
 
 
 def non_block_work(graph: Graph, dtype: str | None = None) -> list[NodeWork]:
     """Return the roofline work of every node outside the graph's blocks."""
     inside = {name for block in graph.blocks for name in block.nodes}
-    found = (node_work(n, dtype) for n in graph.fx.nodes if n.name not in inside)
-    return [w for w in found if w is not None]
+    return _work(graph, (n.name for n in graph.fx.nodes if n.name not in inside), dtype)
 
 
 def _shortcut_names(block: Block, nodes: Mapping[str, fx.Node]) -> list[str]:
@@ -198,7 +223,7 @@ class CostModel:
         entry when the table has its signature at this dtype, else the (fitted) roofline."""
         block = graph.blocks[block] if isinstance(block, str) else block
         dtype = self._dtype(graph)
-        if self.table is not None:
+        if self.table is not None and not quantized_inputs(graph)[0]:  # measured unquantized
             self._table_matches_model(graph, dtype)
             measured = self.table.lookup(block.signature(TORCH_DTYPE_NAMES[dtype]))
             if measured is not None:
@@ -230,6 +255,6 @@ class CostModel:
         block = graph.blocks[block] if isinstance(block, str) else block
         nodes = _nodes_by_name(graph)
         dtype = self._dtype(graph)
-        kept = (node_work(nodes[n], self.dtype) for n in _shortcut_names(block, nodes))
-        shortcut = self.estimate_work([w for w in kept if w is not None], dtype)
+        shortcut = self.estimate_work(_work(graph, _shortcut_names(block, nodes), self.dtype),
+                                      dtype)
         return max(self.estimate_block(block, graph).ms - shortcut, 0.0)

@@ -52,7 +52,7 @@ def roofline(work: NodeWork, device: DeviceProfile, dtype: str) -> Roofline | No
     if work.attention_scores and not device.fused_attention:
         nbytes += _SCORE_PASSES * work.attention_scores * DTYPE_BYTES[dtype]
         launches = _UNFUSED_ATTENTION_LAUNCHES
-    return Roofline(work.op_class, work.flops / device.peak_flops(dtype),
+    return Roofline(work.op_class, work.flops / device.peak_flops(work.compute or dtype),
                     nbytes / device.bandwidth(), launches)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,8 @@ class NodeWork:
     matrix a non-fused attention materialises (0 for other ops); ``rows`` is the M of a conv
     or linear as a GEMM (output pixels or tokens, batch included; 0 for other ops): small
     GEMMs reach a lower fraction of peak, which the fitted cost model learns per device.
+    ``compute`` overrides the compute dtype of this node (int8 for a w8a8 layer; "" keeps the
+    model's).
     """
 
     op_class: str
@@ -71,11 +74,13 @@ class NodeWork:
     fusable: bool = False
     attention_scores: float = 0.0
     rows: int = 0
+    compute: str = ""
 
     def to_json(self) -> list[object]:
-        """Return a compact JSON row ``[class, flops, bytes, launches, fusable, scores, rows]``."""
+        """Return a compact JSON row ``[class, flops, bytes, launches, fusable, scores, rows,
+        compute]``."""
         return [self.op_class, self.flops, self.bytes, self.launches, self.fusable,
-                self.attention_scores, self.rows]
+                self.attention_scores, self.rows, self.compute]
 
     @classmethod
     def from_json(cls, row: list[object]) -> NodeWork:
@@ -83,7 +88,8 @@ class NodeWork:
         six columns and read as rows 0)."""
         op_class, flops, nbytes, launches, fusable, scores, *rest = row
         return cls(str(op_class), float(flops), float(nbytes), int(launches), bool(fusable),
-                   float(scores), int(rest[0]) if rest else 0)
+                   float(scores), int(rest[0]) if rest else 0,
+                   str(rest[1]) if len(rest) > 1 else "")
 
 
 def dtype_key(dtype: torch.dtype | str) -> str:
@@ -157,6 +163,17 @@ def _inputs(node: fx.Node) -> list[torch.Tensor]:
     return [t for arg in node.all_input_nodes for t in _tensor_vals(arg.meta.get("val"))]
 
 
+def _input_bytes(node: fx.Node, dtype: str | None, weight_bits: Mapping[str, int]) -> float:
+    """Bytes of every tensor ``node`` reads; a weight in ``weight_bits`` (placeholder name ->
+    stored bits per element, from quantization records) counts at its stored size."""
+    total = 0.0
+    for arg in node.all_input_nodes:
+        tensors = _tensor_vals(arg.meta.get("val"))
+        bits = weight_bits.get(arg.name)
+        total += _numel(tensors) * bits / 8 if bits else _bytes(tensors, dtype)
+    return total
+
+
 def _is_same_dtype_cast(node: fx.Node) -> bool:
     if node.target not in (_aten.to.dtype, _aten._to_copy.default, _aten.to.dtype_layout):
         return False
@@ -166,12 +183,16 @@ def _is_same_dtype_cast(node: fx.Node) -> bool:
         and src.dtype == out.dtype
 
 
-def node_work(node: fx.Node, dtype: str | None = None) -> NodeWork | None:
+def node_work(node: fx.Node, dtype: str | None = None,
+              weight_bits: Mapping[str, int] | None = None,
+              int8_compute: frozenset[str] = frozenset()) -> NodeWork | None:
     """Return the roofline inputs of ``node``, or None for placeholders, weights and output.
 
     Views and no-op casts are class ``view`` with no FLOPs, bytes or kernel launches.
     ``dtype`` ("fp32", "fp16", "int8") overrides the element size of floating-point tensors
-    (weights and activations); None keeps the dtypes recorded in the graph. Never edits the node.
+    (weights and activations); None keeps the dtypes recorded in the graph. ``weight_bits``
+    gives quantized weights' stored bits (by placeholder name) and ``int8_compute`` the nodes
+    that compute in int8 (w8a8 layers). Never edits the node.
     """
     if node.op != "call_function":
         return None
@@ -179,7 +200,7 @@ def node_work(node: fx.Node, dtype: str | None = None) -> NodeWork | None:
     if node.target in _FREE or _is_same_dtype_cast(node) or not outputs:
         return NodeWork(VIEW, 0.0, 0.0, launches=0)
     inputs = _inputs(node)
-    out_bytes, in_bytes = _bytes(outputs, dtype), _bytes(inputs, dtype)
+    out_bytes, in_bytes = _bytes(outputs, dtype), _input_bytes(node, dtype, weight_bits or {})
     out_numel = _numel(outputs)
     target = node.target
     if target in _SDPA:
@@ -188,7 +209,8 @@ def node_work(node: fx.Node, dtype: str | None = None) -> NodeWork | None:
     if counted is not None:
         op_class = {"conv": CONV, "linear": MATMUL}.get(counted.op_class, ATTENTION)
         return NodeWork(op_class, 2.0 * counted.macs, in_bytes + out_bytes,
-                        rows=_gemm_rows(outputs[0], op_class))
+                        rows=_gemm_rows(outputs[0], op_class),
+                        compute="int8" if node.name in int8_compute else "")
     if target in _SOFTMAX:
         return NodeWork(ATTENTION, 5.0 * out_numel, in_bytes + out_bytes)
     if target in _NORMS:
