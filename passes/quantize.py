@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from snapc.errors import SnapcError
+from snapc.errors import BudgetError, SnapcError
 from snapc.graph import Graph
 from snapc.passes.quantize_mixed import (
+    CANDIDATES,
     candidate_sizes,
     choose_schemes,
     layer_sensitivity,
@@ -44,8 +45,8 @@ from snapc.passes.quantize_observers import (
 from snapc.passes.quantize_schemes import BITS, dequantize, make_record, record_bytes
 from snapc.pipeline import Change, PassContext, PassResult, PipelineResult, register_pass
 
-__all__ = ["Quantize", "SCHEMES", "quantize_records", "quant_records", "apply_records_to_module",
-           "coreml_records", "records_summary", "NODE_PREFIX"]
+__all__ = ["Quantize", "SCHEMES", "check_scheme", "quantize_records", "quant_records",
+           "apply_records_to_module", "coreml_records", "records_summary", "NODE_PREFIX"]
 
 SCHEMES = ("fp16", "w8", "w4", "w8a8", "palette6", "palette4", "mixed")
 NODE_PREFIX = "node:"  # records of FX nodes (fp32 islands), not of weights
@@ -79,6 +80,26 @@ def _calibration(graph: Graph, inputs: tuple[torch.Tensor, ...] | None, n: int, 
     return calibration_chunks(graph, inputs)
 
 
+def check_scheme(scheme: str, size_mb: float | None = None, psnr_floor_db: float | None = None
+                 ) -> None:
+    """Raise SnapcError naming the fix when ``scheme`` and its budget do not go together:
+    an unknown scheme, a budget without ``mixed``, ``mixed`` without exactly one budget, or a
+    budget that is not positive."""
+    if scheme not in SCHEMES:
+        raise SnapcError(f"unknown quantization scheme '{scheme}'; use one of {', '.join(SCHEMES)}")
+    given = [flag for flag, value in (("--size-mb", size_mb), ("--psnr-floor", psnr_floor_db))
+             if value is not None]
+    if scheme != "mixed" and given:
+        verb, pronoun = ("apply", "them") if len(given) > 1 else ("applies", "it")
+        raise SnapcError(f"{' and '.join(given)} {verb} only to --quantize mixed (the per-layer "
+                         f"choice); drop {pronoun} for {scheme}")
+    if scheme == "mixed" and len(given) != 1:
+        raise SnapcError("--quantize mixed needs exactly one of --size-mb N (artifact size "
+                         "budget) or --psnr-floor DB (UNet output PSNR floor)")
+    if size_mb is not None and size_mb <= 0:
+        raise SnapcError(f"--size-mb {size_mb} is not a size; give megabytes > 0")
+
+
 def quantize_records(graph: Graph, scheme: str, *, size_mb: float | None = None,
                      psnr_floor_db: float | None = None, calibration: int = 8,
                      inputs: tuple[torch.Tensor, ...] | None = None, seed: int = 0,
@@ -90,8 +111,7 @@ def quantize_records(graph: Graph, scheme: str, *, size_mb: float | None = None,
     ``info`` holds what was measured: fp32 islands, per-layer sensitivity and choices (mixed).
     Raises SnapcError for an unknown scheme and CalibrationError for a bad calibration set.
     """
-    if scheme not in SCHEMES:
-        raise SnapcError(f"unknown quantization scheme '{scheme}'; use one of {', '.join(SCHEMES)}")
+    check_scheme(scheme, size_mb, psnr_floor_db)
     gm = graph.module()
     layers = quantizable_layers(gm, graph.root, min_elements)
     weights = {key: _param(gm, f"{graph.root}.{key}").data for key in layers}
@@ -128,11 +148,16 @@ def quantize_records(graph: Graph, scheme: str, *, size_mb: float | None = None,
 def _mixed(graph: Graph, gm: fx.GraphModule, weights: dict[str, torch.Tensor],
            size_mb: float | None, psnr_floor_db: float | None,
            chunks: list[tuple[torch.Tensor, ...]], seed: int) -> tuple[QuantRecords, dict]:
-    candidates, psnr = layer_sensitivity(gm, chunks, list(weights), root=graph.root, seed=seed)
-    sizes = candidate_sizes(gm, candidates, graph.root)
     quantized = {f"{graph.root}.{k}" for k in weights}
     other = sum(t.numel() * t.element_size() for n, t in graph.program.state_dict.items()
                 if n not in quantized)
+    smallest = other + sum((w.numel() * BITS[CANDIDATES[-1]] + 7) // 8 for w in weights.values())
+    if size_mb is not None and smallest > size_mb * 1e6:  # before the costly sensitivity runs
+        raise BudgetError(f"mixed precision cannot reach {size_mb} MB (smallest is over "
+                          f"{smallest / 1e6:.3g} MB: every layer {CANDIDATES[-1]}, the rest "
+                          "fp32); raise --size-mb")
+    candidates, psnr = layer_sensitivity(gm, chunks, list(weights), root=graph.root, seed=seed)
+    sizes = candidate_sizes(gm, candidates, graph.root)
     chosen = choose_schemes(psnr, sizes, other, size_mb, psnr_floor_db)
     records = {key: candidates[key][s] for key, s in chosen.items()}
     reference = torch.cat([gm(*c) for c in chunks]).detach()
@@ -287,6 +312,11 @@ class Quantize:
     inputs: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
     name = "quantize"
     level = 1
+
+    def check(self) -> None:
+        """Raise SnapcError when the scheme and its budget do not go together (see
+        :func:`check_scheme`); :meth:`run` checks the same."""
+        check_scheme(self.scheme, self.size_mb, self.psnr_floor_db)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Return the graph with its records in ``graph.quant`` (program unchanged) and one

@@ -13,7 +13,8 @@ import torch
 
 from snapc.graph import Graph
 
-__all__ = ["Manifest", "TensorSpec", "tensor_specs", "versions", "MANIFEST_NAME"]
+__all__ = ["Manifest", "TensorSpec", "tensor_specs", "versions", "quantization_summary",
+           "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.json"
 
@@ -35,6 +36,17 @@ def tensor_specs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> l
     """Return TensorSpecs for parallel names and tensors."""
     return [TensorSpec(n, tuple(int(d) for d in t.shape), str(t.dtype).replace("torch.", ""))
             for n, t in zip(names, tensors, strict=True)]
+
+
+def quantization_summary(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Return the manifest's view of quantization records: records per scheme and, per layer,
+    its scheme and parameters (tensors as shapes; see passes.quantize.records_summary)."""
+    from snapc.passes.quantize import records_summary
+
+    counts: dict[str, int] = {}
+    for record in records.values():
+        counts[record["scheme"]] = counts.get(record["scheme"], 0) + 1
+    return {"counts": counts, "layers": records_summary(records)}
 
 
 def _version(dist: str) -> str | None:
@@ -64,14 +76,18 @@ class Manifest:
     target_options: dict[str, Any] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_graph(cls, graph: Graph, target: str, **kwargs: Any) -> Manifest:
-        """Return a manifest pre-filled with the graph's model info, inputs and output."""
+        """Return a manifest pre-filled with the graph's model info, inputs and output, and
+        (when the graph has quantization records) its per-layer quantization choices."""
         out_val = torch.empty(graph.output_shape(), dtype=torch.float32)
+        if graph.quant and "quantization" not in kwargs:
+            kwargs["quantization"] = quantization_summary(graph.quant)
         return cls(
             target=target,
             model={**graph.source.to_json(), "removed_blocks": list(graph.removed),

@@ -6,12 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from snapc.errors import BudgetError, SnapcError
 from snapc.frontend import trace
 from snapc.numerics import compare
 from snapc.passes.quantize import (
     Quantize,
     _changes,
     apply_records_to_module,
+    check_scheme,
     coreml_records,
     quant_records,
 )
@@ -184,3 +186,31 @@ def test_mixed_on_tiny_reports_per_layer_choices(tiny_graph):
     assert all(set(v["sensitivity_psnr_db"]) == {"w8", "palette6", "palette4"}
                for v in mixed["layers"].values())
     assert 4 <= mixed["mean_bits"] < 8 and mixed["psnr_db"] > 32  # floor 35 is an estimate
+
+
+@pytest.mark.parametrize(("scheme", "size_mb", "floor", "message"), [
+    ("int3", None, None, "unknown quantization scheme 'int3'"),
+    ("w8", 10.0, None, "--size-mb applies only to --quantize mixed"),
+    ("w4", 10.0, 30.0, "--size-mb and --psnr-floor apply only"),
+    ("mixed", None, None, "exactly one of --size-mb"),
+    ("mixed", 10.0, 30.0, "exactly one of --size-mb"),
+    ("mixed", 0.0, None, "megabytes > 0"),
+])
+def test_scheme_and_budget_combinations_are_checked(scheme, size_mb, floor, message):
+    with pytest.raises(SnapcError, match=message):
+        check_scheme(scheme, size_mb, floor)
+    with pytest.raises(SnapcError, match=message):
+        Quantize(scheme, size_mb=size_mb, psnr_floor_db=floor).check()
+    check_scheme("mixed", size_mb=1.0)  # the valid ones pass
+    check_scheme("w8")
+
+
+def test_unreachable_size_budget_fails_before_measuring(tiny_graph, monkeypatch):
+    import snapc.passes.quantize as quantize
+
+    def measured(*args, **kwargs):
+        raise AssertionError("sensitivity measured for an unreachable budget")
+
+    monkeypatch.setattr(quantize, "layer_sensitivity", measured)
+    with pytest.raises(BudgetError, match=r"cannot reach 0.5 MB \(smallest is over 0.7"):
+        Quantize("mixed", size_mb=0.5).run(tiny_graph, PassContext())
