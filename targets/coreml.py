@@ -11,7 +11,10 @@ from for the ANE report. Then:
 
 1. the ANE report lists what will not run on the Neural Engine (``ane_report.json``);
 2. quantization records (per layer) and ``palettize=n`` go through ``coremltools.optimize.coreml``
-   (``targets/coreml_quant.py``);
+   (``targets/coreml_quant.py``). The graph's own records (``passes/quantize.py``) are realised
+   exactly: the converted graph is the fake-quantized one (``apply_records_to_module``, weights
+   only), its palettes come from the weights' unique values, and it is the verification
+   reference (the PSNR vs fp32 is recorded as ``verification.vs_fp32``);
 3. a model with more than ``max_chunk_bytes`` of weights (or ``chunks >= 2``) is split into
    chained mlpackages (``targets/coreml_chunk.py``), and the chain must reproduce the whole
    program exactly;
@@ -45,6 +48,12 @@ from snapc.errors import SnapcError, ToolMissingError, VerificationError
 from snapc.graph import Graph
 from snapc.manifest import Manifest, versions
 from snapc.numerics import compare
+from snapc.passes.quantize import (
+    NODE_PREFIX,
+    apply_records_to_module,
+    coreml_records,
+    quant_records,
+)
 from snapc.pipeline import Pass, PassContext, Pipeline
 
 __all__ = ["CoreMLOptions", "export", "pipeline", "DEPLOYMENT_TARGETS", "COMPUTE_UNITS",
@@ -371,7 +380,12 @@ def export(
     from snapc.targets.coreml_ane_report import ane_report
     from snapc.targets.coreml_chunk import chunks_needed, weight_bytes
     from snapc.targets.coreml_mil_interp import load_program, run_program
-    from snapc.targets.coreml_quant import apply_quantization, plan_quantization, weight_sizes
+    from snapc.targets.coreml_quant import (
+        apply_quantization,
+        compressed_weights,
+        plan_quantization,
+        weight_sizes,
+    )
 
     ct = _require_coremltools()
     options.check()
@@ -387,12 +401,19 @@ def export(
         timings[name] = round(time.perf_counter() - start, 2)
         return result
 
-    reference = graph.run()
+    records = quant_records(graph)
+    weight_records = {k: r for k, r in records.items() if not k.startswith(NODE_PREFIX)}
+    # With records, convert the graph whose weights hold the quantized values: Core ML then
+    # stores them compressed exactly (coreml_quant: palettes from unique values), and that
+    # fake-quantized graph is the verification reference.
+    source = (apply_records_to_module(graph, weight_records, activations=False)
+              if weight_records else graph)
+    reference = source.run()
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(graph.input_names,
                                                          graph.example_inputs, strict=True)}
     passes = pipeline(options)
-    legal = Pipeline(passes).run(graph, PassContext(check=True)) if passes else None
-    target_graph = legal.graph if legal else graph
+    legal = Pipeline(passes).run(source, PassContext(check=True)) if passes else None
+    target_graph = legal.graph if legal else source
     progress(f"converting with coremltools ({options.frontend} frontend)")
     mlmodel, layer_of = timed("convert_s", lambda: _convert(target_graph, options, ct))
     program = mlmodel._mil_program
@@ -400,7 +421,8 @@ def export(
     progress("checking Neural Engine constraints")
     report = timed("ane_report_s", lambda: ane_report(program, layer_of))
     report.write(out_dir / "ane_report.json")
-    plan = plan_quantization(weight_sizes(program), options.quantization, options.palettize)
+    plan = plan_quantization(weight_sizes(program), options.quantization, options.palettize,
+                             applied=coreml_records(records))
     if plan.unmatched:
         raise SnapcError(f"{len(plan.unmatched)} quantization record(s) name no weight of the "
                          f"model, e.g. '{plan.unmatched[0]}'; use layer names from snapc inspect")
@@ -409,6 +431,7 @@ def export(
         timed("quantize_s", lambda: apply_quantization(program, plan, options.kmeans_workers))
         mlmodel = timed("repack_s", lambda: _repack(ct, options)(program))
     total = weight_bytes(program)
+    compressed = compressed_weights(program)
     mlmodel._mil_program = None  # the chunker reloads the package; free the in-memory copy
     program = None
     whole_path = Path(mlmodel.package_path)
@@ -437,6 +460,8 @@ def export(
     else:
         output = timed("verify_s", lambda: _predict_interpreter(paths, feeds, progress))
     numerics = compare(reference, torch.from_numpy(output.astype(np.float32)))
+    vs_fp32 = (compare(graph.run(), torch.from_numpy(output.astype(np.float32)))
+               if weight_records else None)
 
     chain_check: dict[str, Any] = {"ran": False}
     if len(paths) > 1:
@@ -455,10 +480,13 @@ def export(
     if not numerics.passes(options.min_psnr_db):
         raise VerificationError(
             f"Core ML output PSNR {numerics.psnr_db:.1f} dB < {options.min_psnr_db} dB vs "
-            f"PyTorch (max abs err {numerics.max_abs:.3g}); artifact not written")
+            f"{'the fake-quantized ' if weight_records else ''}PyTorch graph (max abs err "
+            f"{numerics.max_abs:.3g}); artifact not written")
 
     verification = {
-        "reference": "torch (same graph, fp32, CPU)",
+        "reference": (f"torch fake-quantized graph (weights of the {len(weight_records)} "
+                      "records quantize-dequantized; fp32, CPU)" if weight_records
+                      else "torch (same graph, fp32, CPU)"),
         "runtime": ("Core ML prediction (" + options.compute_units + ")" if use_coreml
                     else "numpy MIL interpreter (fp16 storage, fp32 compute)"),
         "coreml_prediction": "ran" if use_coreml else f"skipped: {reason}",
@@ -467,8 +495,9 @@ def export(
         "passed": True,
         "chain_check": chain_check,
         **numerics.to_json(),
+        **({"vs_fp32": vs_fp32.to_json()} if vs_fp32 else {}),
     }
-    return Manifest.for_graph(
+    manifest = Manifest.for_graph(
         graph, "coreml", files=files, target_options=asdict(options),
         verification=verification,
         versions=versions("coremltools", "numpy", "diffusers"),
@@ -476,7 +505,8 @@ def export(
             "format": "mlprogram", "precision": "fp16",
             "weight_bytes": total, "chunks": chain,
             "quantization": {"schemes": plan.counts(), "palettize": options.palettize,
-                             "left_fp16_small": list(plan.too_small)},
+                             "left_fp16_small": list(plan.too_small),
+                             "compressed_ops": compressed},
             "ane_report": report.to_json() | {"issues": len(report.issues)},
             "target_passes": [r.to_json() for r in legal.records] if legal else [],
             "timings": timings,
@@ -484,3 +514,25 @@ def export(
                                  if f.is_file()),
         },
     )
+    if records:
+        manifest.quantization["realised"] = _realised(records, plan)
+    return manifest
+
+
+def _realised(records: dict[str, dict[str, Any]], plan: Any) -> dict[str, Any]:
+    """Return how the graph's records were realised in the package, for the manifest."""
+    counts: dict[str, int] = {}
+    for const in plan.exact:
+        counts[plan.schemes[const]] = counts.get(plan.schemes[const], 0) + 1
+    schemes = {r["scheme"] for r in records.values()}
+    return {"format": "coremltools.optimize.coreml (constexpr weights)", "realised": counts,
+            "left_fp16_merged": list(plan.not_found), "left_fp16_small": len(plan.too_small),
+            "notes": [note for scheme, note in _NOTES.items() if scheme in schemes]}
+
+
+# What Core ML does not keep of a record (the weights still hold the quantized values).
+_NOTES = {
+    "w8a8": "w8a8: weights int8; activations are not quantized (Core ML computes fp16)",
+    "w4": "w4: stored fp16 (values quantized); use palette4 for 4-bit storage",
+    "fp32": "fp32 islands: not kept, Core ML computes fp16",
+}

@@ -13,6 +13,12 @@ A quantization record names a layer (``down_blocks.0.resnets.0.conv1``) or a wei
 a global ``palettize=n`` from the options applies ``palette{n}`` to every weight that has no
 record. Both go through ``coremltools.optimize.coreml`` (``palettize_weights``,
 ``linear_quantize_weights``) with one config per constant.
+
+Records *applied* already (the graph's own records: the target converts the graph whose weights
+hold the quantize-dequantized values, ``apply_records_to_module``) are realised exactly: a
+palette's look-up table is the weight's unique values (mode ``unique``, no k-means), and int8
+recovers the record's per-channel scales (``max |w| / 127``); they differ from the records only
+by fp16 rounding.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 from snapc.errors import SnapcError
 
 __all__ = ["QuantRecords", "SCHEMES", "QuantPlan", "plan_quantization", "apply_quantization",
-           "MIN_WEIGHT_ELEMENTS", "weight_sizes"]
+           "MIN_WEIGHT_ELEMENTS", "weight_sizes", "compressed_weights"]
 
 QuantRecords = Mapping[str, Mapping[str, Any]]
 SCHEMES = ("palette8", "palette6", "palette4", "palette2", "palette1", "w8", "fp16")
@@ -58,11 +64,18 @@ def _record_key(name: str) -> str:
 @dataclass(frozen=True)
 class QuantPlan:
     """Which constant gets which scheme: {const name: scheme}; the records that matched no
-    constant, and the constants left fp16 because they hold < MIN_WEIGHT_ELEMENTS values."""
+    constant, and the constants left fp16 because they hold < MIN_WEIGHT_ELEMENTS values.
+
+    ``exact``: constants whose values are already quantized (applied records), compressed
+    without k-means; ``not_found``: applied records that name no constant (a pass merged the
+    weight into another one): stored fp16, with the quantized values.
+    """
 
     schemes: dict[str, str]
     unmatched: tuple[str, ...]
     too_small: tuple[str, ...] = ()
+    exact: frozenset[str] = frozenset()
+    not_found: tuple[str, ...] = ()
 
     def counts(self) -> dict[str, int]:
         """Return how many constants use each scheme."""
@@ -72,17 +85,9 @@ class QuantPlan:
         return out
 
 
-def plan_quantization(
-    weights: Mapping[str, int], records: QuantRecords | None, palettize: int | None
-) -> QuantPlan:
-    """Map records (and the global ``palettize`` bits) onto constants.
-
-    ``weights`` maps each weight constant of the program to its element count. Returns a
-    QuantPlan; raises SnapcError for an unknown scheme.
-    """
-    if palettize is not None and f"palette{palettize}" not in SCHEMES:
-        raise SnapcError(f"cannot palettize to {palettize} bits; use 1, 2, 4, 6 or 8")
-    by_key = {_const_key(name): name for name in weights}
+def _map_records(by_key: dict[str, str], records: QuantRecords | None
+                 ) -> tuple[dict[str, str], list[str]]:
+    """Return ({const name: scheme}, record names that match no constant)."""
     schemes: dict[str, str] = {}
     unmatched = []
     for name, record in (records or {}).items():
@@ -95,6 +100,25 @@ def plan_quantization(
             unmatched.append(name)
         else:
             schemes[const] = scheme
+    return schemes, unmatched
+
+
+def plan_quantization(
+    weights: Mapping[str, int], records: QuantRecords | None, palettize: int | None,
+    applied: QuantRecords | None = None,
+) -> QuantPlan:
+    """Map records (and the global ``palettize`` bits) onto constants.
+
+    ``weights`` maps each weight constant of the program to its element count. ``applied``
+    are records whose values the weights already hold (see the module docstring); ``records``
+    override them. Returns a QuantPlan; raises SnapcError for an unknown scheme.
+    """
+    if palettize is not None and f"palette{palettize}" not in SCHEMES:
+        raise SnapcError(f"cannot palettize to {palettize} bits; use 1, 2, 4, 6 or 8")
+    by_key = {_const_key(name): name for name in weights}
+    exact, not_found = _map_records(by_key, applied)
+    schemes, unmatched = _map_records(by_key, records)
+    schemes = {**exact, **schemes}
     if palettize is not None:
         for name, size in weights.items():
             if name not in schemes and size >= MIN_WEIGHT_ELEMENTS:
@@ -103,7 +127,9 @@ def plan_quantization(
                       if v != "fp16" and weights[k] < MIN_WEIGHT_ELEMENTS)
     schemes = {k: v for k, v in schemes.items()
                if v != "fp16" and weights[k] >= MIN_WEIGHT_ELEMENTS}
-    return QuantPlan(schemes, tuple(unmatched), too_small)
+    exact_names = frozenset(k for k, v in exact.items() if schemes.get(k) == v)
+    not_found = [n for n in not_found if applied[n]["scheme"] != "fp16"]  # fp16 anyway
+    return QuantPlan(schemes, tuple(unmatched), too_small, exact_names, tuple(not_found))
 
 
 def weight_sizes(program: Any) -> dict[str, int]:
@@ -118,11 +144,22 @@ def weight_sizes(program: Any) -> dict[str, int]:
     return sizes
 
 
+def compressed_weights(program: Any) -> dict[str, int]:
+    """Return {constexpr op type: count} of ``program``: its weights stored compressed
+    (palettes, int8), as the package will hold them."""
+    counts: dict[str, int] = {}
+    for op in program.functions["main"].operations:
+        if op.op_type.startswith("constexpr_"):
+            counts[op.op_type] = counts.get(op.op_type, 0) + 1
+    return counts
+
+
 def apply_quantization(program: Any, plan: QuantPlan, workers: int = 1) -> None:
     """Compress the weights of ``program`` (edited in place) as ``plan`` says.
 
     Runs the graph passes behind ``coremltools.optimize.coreml.palettize_weights`` and
-    ``linear_quantize_weights`` (palettization first, then int8) with one config per constant,
+    ``linear_quantize_weights`` (palettization first, then int8) with one config per constant
+    (``plan.exact`` palettes: look-up table = the weight's unique values),
     on the converted program itself: the public functions would serialize the model and run
     the whole conversion pipeline again for each call.
     """
@@ -134,9 +171,12 @@ def apply_quantization(program: Any, plan: QuantPlan, workers: int = 1) -> None:
         OptimizationConfig,
     )
 
-    palettes = {name: OpPalettizerConfig(nbits=int(s.removeprefix("palette")), mode="kmeans",
-                                         granularity="per_tensor", num_kmeans_workers=workers,
+    palettes = {name: OpPalettizerConfig(mode="unique", granularity="per_tensor",
                                          weight_threshold=MIN_WEIGHT_ELEMENTS)
+                if name in plan.exact else
+                OpPalettizerConfig(nbits=int(s.removeprefix("palette")), mode="kmeans",
+                                   granularity="per_tensor", num_kmeans_workers=workers,
+                                   weight_threshold=MIN_WEIGHT_ELEMENTS)
                 for name, s in plan.schemes.items() if s.startswith("palette")}
     int8 = {name: OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
                                           granularity="per_channel",

@@ -72,3 +72,48 @@ def test_quantized_program_runs_in_the_interpreter() -> None:
     with torch.no_grad():
         reference = module(x)
     assert compare(reference, after.astype(np.float32)).psnr_db > 30
+
+
+APPLIED = {"down_blocks.0.resnets.0.conv1.weight": {"scheme": "palette6"},
+           "mid_block.attentions.0.proj_in.weight": {"scheme": "w8"},
+           "conv_in.weight": {"scheme": "palette4"},
+           "up_blocks.0.attentions.0.to_q.weight": {"scheme": "palette4"},
+           "up_blocks.0.norm.weight": {"scheme": "fp16"}}
+
+
+def test_applied_records_are_exact_and_may_miss_without_error() -> None:
+    plan = plan_quantization(WEIGHTS, {"down_blocks.0.resnets.0.conv1": {"scheme": "w8"}}, None,
+                             applied=APPLIED)
+    assert plan.schemes == {"net_down_blocks_0_resnets_0_conv1_weight_to_fp16": "w8",
+                            "net_mid_block_attentions_0_proj_in_weight_to_fp16": "w8"}
+    # the explicit record overrides the applied one, which is then no longer exact
+    assert plan.exact == {"net_mid_block_attentions_0_proj_in_weight_to_fp16"}
+    assert plan.unmatched == ()  # applied records that name no constant are not an error...
+    assert plan.not_found == ("up_blocks.0.attentions.0.to_q.weight",)  # ...but reported
+    assert plan.too_small == ("net_conv_in_weight_to_fp16",)
+
+
+def test_applied_records_keep_their_look_up_table_and_scales() -> None:
+    from snapc.passes.quantize_schemes import dequantize, make_record, weight_codes
+
+    torch.manual_seed(0)
+    module = SkipNet(channels=48).eval()
+    records = {"mid.0.weight": make_record(module.mid[0].weight.data, "palette4"),
+               "mid.2.weight": make_record(module.mid[2].weight.data, "w8")}
+    codes = weight_codes(module.mid[2].weight.data, records["mid.2.weight"])
+    with torch.no_grad():  # what the target converts: the weights the records give
+        for layer, key in ((module.mid[0], "mid.0.weight"), (module.mid[2], "mid.2.weight")):
+            layer.weight.copy_(dequantize(layer.weight.data, records[key]))
+    program = convert(module, (torch.randn(1, 4, 8, 8),))._mil_program
+    applied = {k: {"scheme": r["scheme"]} for k, r in records.items()}
+    plan = plan_quantization(weight_sizes(program), None, None, applied=applied)
+    assert plan.exact == set(plan.schemes) and len(plan.schemes) == 2
+    apply_quantization(program, plan)
+    ops = {op.op_type: op for op in program.functions["main"].operations
+           if op.op_type.startswith("constexpr_")}
+    lut = np.sort(ops["constexpr_lut_to_dense"].inputs["lut"].val.ravel().astype(np.float32))
+    # the package stores the record's own table (in fp16) and int8 codes, not new ones
+    assert np.allclose(lut, np.sort(records["mid.0.weight"]["lut"].numpy()), rtol=1e-3, atol=0)
+    int8 = ops["constexpr_affine_dequantize"].inputs
+    assert np.array_equal(int8["quantized_data"].val, codes.numpy())
+    assert np.allclose(int8["scale"].val, records["mid.2.weight"]["scale"].numpy(), rtol=1e-3)

@@ -9,8 +9,12 @@ import pytest
 pytest.importorskip("coremltools")
 
 from snapc.compiler import CompileOptions, compile_model  # noqa: E402
+from snapc.graph import Graph  # noqa: E402
 from snapc.manifest import Manifest  # noqa: E402
+from snapc.passes import Quantize  # noqa: E402
+from snapc.pipeline import PassContext  # noqa: E402
 from snapc.targets import TARGETS, TargetEntry  # noqa: E402
+from snapc.targets.coreml import CoreMLOptions, export  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +53,17 @@ def test_sd15_chunked_and_palette6(tmp_path: Path) -> None:
     assert chunked.verification["chain_check"]["equal"]
     palette6 = _compile("sd15", tmp_path / "p6", attention="original", palettize=6)
     assert palette6.verification["passed"] and not palette6.extra["chunks"]
+
+
+def test_tiny_realises_quantization_records(tmp_path: Path, tiny_graph: Graph) -> None:
+    graph = Quantize("palette4", min_elements=20_000).run(tiny_graph, PassContext()).graph
+    manifest = export(graph, tmp_path, CoreMLOptions(attention="original"))
+    assert len(graph.quant) > 10 and manifest.quantization["counts"] == {
+        "palette4": len(graph.quant)}
+    assert manifest.quantization["realised"]["realised"] == {"palette4": len(graph.quant)}
+    assert manifest.extra["quantization"]["compressed_ops"] == {
+        "constexpr_lut_to_dense": len(graph.quant)}
+    ver = manifest.verification
+    assert "fake-quantized" in ver["reference"] and ver["psnr_db"] >= 35.0
+    assert ver["vs_fp32"]["psnr_db"] < ver["psnr_db"] - 10  # 4-bit weights: really quantized
+    assert manifest.extra["weight_bytes"] < 0.6 * tiny_graph.param_bytes() / 2  # fp16 is /2
