@@ -6,13 +6,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from snapc.errors import SnapcError
+
+if TYPE_CHECKING:
+    from snapc.manifest import Manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Optimise and compile diffusion UNets for phones.")
@@ -85,10 +88,34 @@ def compile_cmd(
     fusions: Annotated[str, typer.Option(
         help="fusion passes: all, none, or comma-separated names (see `snapc passes`)")]
     = "none",
+    quantize: Annotated[str | None, typer.Option(
+        help="quantize as the last pass: fp16, w8, w4, w8a8, palette6, palette4, mixed")]
+    = None,
+    size_mb: Annotated[float | None, typer.Option(
+        help="--quantize mixed: artifact size budget in MB (1e6 bytes)")] = None,
+    psnr_floor: Annotated[float | None, typer.Option(
+        help="--quantize mixed: lowest UNet output PSNR (dB) vs fp32")] = None,
+    coreml_frontend: Annotated[str | None, typer.Option(
+        help="coreml: trace (torch.jit.trace, default) or export (torch.export)")] = None,
+    coreml_chunks: Annotated[int | None, typer.Option(
+        min=0, help="coreml: 0 splits above 1 GB of weights (default), 1 never, N >= 2 forces N")]
+    = None,
+    coreml_palettize: Annotated[int | None, typer.Option(
+        help="coreml: k-means palettize the weights without a record to 1, 2, 4, 6 or 8 bits")]
+    = None,
+    coreml_deployment_target: Annotated[str | None, typer.Option(
+        help="coreml: iOS16, iOS17 (default), iOS18, macOS13, macOS14, macOS15")] = None,
+    coreml_compute_units: Annotated[str | None, typer.Option(
+        help="coreml: CPU_AND_NE (default), ALL, CPU_AND_GPU, CPU_ONLY")] = None,
+    coreml_attention: Annotated[str | None, typer.Option(
+        help="coreml: ane (Neural Engine layout, default) or original (as traced)")] = None,
+    coreml_verifier: Annotated[str | None, typer.Option(
+        help="coreml: auto (default), interpreter (numpy MIL) or coreml (macOS)")] = None,
 ) -> None:
     """Compile MODEL for a target; exit 0 only when the artifact verified.
 
-    With --device and --budget/--budget-ms, block search runs first (see `snapc search`)."""
+    With --device and --budget/--budget-ms, block search runs first (see `snapc search`);
+    with --quantize, quantization is the last pass and the target realises its records."""
     from snapc.compiler import CompileOptions, compile_model
 
     search = None
@@ -97,9 +124,26 @@ def compile_cmd(
             _fail(SnapcError("--budget/--budget-ms need --device (see `snapc cost --help`)"))
         search = _search_args(device, budget, budget_ms, keep, table, calibration, eval_device,
                               space=proxy_space)
+    quant = None
+    if quantize is not None:
+        quant = {"scheme": quantize, "size_mb": size_mb, "psnr_floor_db": psnr_floor,
+                 "calibration": calibration, "seed": seed}
+    elif size_mb is not None or psnr_floor is not None:
+        _fail(SnapcError("--size-mb/--psnr-floor need --quantize mixed"))
+    coreml = {"frontend": coreml_frontend, "chunks": coreml_chunks,
+              "palettize": coreml_palettize, "deployment_target": coreml_deployment_target,
+              "compute_units": coreml_compute_units, "attention": coreml_attention,
+              "verifier": coreml_verifier}
+    given = [f"--coreml-{k.replace('_', '-')}" for k, v in coreml.items() if v is not None]
+    if given and not target.startswith("coreml"):
+        _fail(SnapcError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
+                         f"only to the coreml targets (coreml, coreml-palette6), not --target "
+                         f"{target}"))
     options = CompileOptions(model=model, target=target, out=output, arch=arch,
                              remove=tuple(remove or ()), latent=latent, batch=batch,
-                             force=force, seed=seed, search=search, fusions=fusions)
+                             force=force, seed=seed, search=search, fusions=fusions,
+                             quantize=quant,
+                             target_options={k: v for k, v in coreml.items() if v is not None})
     try:
         with RichReporter(err) as reporter:
             result = compile_model(options, reporter=reporter)
@@ -112,6 +156,8 @@ def compile_cmd(
     table.add_row("params", f"{manifest.model['params']:,}")
     table.add_row("removed blocks", ", ".join(manifest.model["removed_blocks"]) or "none")
     table.add_row("verified", _verification_line(manifest.verification))
+    if manifest.quantization:
+        table.add_row("quantized", _quantization_line(manifest))
     table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     out.print(table)
 
@@ -126,6 +172,15 @@ def _verification_line(ver: dict) -> str:
     return f"compiled, not run: {ver.get('reason', 'see manifest')}"
 
 
+def _quantization_line(manifest: Manifest) -> str:
+    """Return one line: the scheme, records per scheme, and the PSNR vs fp32 when measured."""
+    quant = manifest.quantization
+    counts = ", ".join(f"{n} {s}" for s, n in quant.get("counts", {}).items())
+    vs_fp32 = manifest.verification.get("vs_fp32")
+    return (f"{quant.get('scheme', 'records')}: {counts}"
+            + (f"; PSNR vs fp32 {vs_fp32['psnr_db']:.1f} dB" if vs_fp32 else ""))
+
+
 DeviceOpt = Annotated[str | None, typer.Option(
     help="device for block search: iphone14pro-ane, adreno740, mali-g715, h100, local-cpu, "
          "or a profile file")]
@@ -136,7 +191,8 @@ KeepOpt = Annotated[list[str] | None, typer.Option(
     "--keep", help="block the search must not remove (repeatable)")]
 TableOpt = Annotated[Path | None, typer.Option(
     help="latency table measured on --device (from `snapc profile`)")]
-CalibrationOpt = Annotated[int, typer.Option(min=1, help="calibration triples for the proxy")]
+CalibrationOpt = Annotated[int, typer.Option(
+    min=1, help="calibration triples for the search proxy and the quantization observers")]
 EvalDeviceOpt = Annotated[str, typer.Option(help="cpu or cuda: where candidates are scored")]
 SpaceOpt = Annotated[str, typer.Option(
     help="proxy compares noise predictions (eps) or the clipped x0 they imply (x0)")]

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Protocol
 
 from snapc.artifacts import atomic_output_dir, check_output_dir
+from snapc.errors import SnapcError
 from snapc.frontend import trace
 from snapc.graph import Graph
 from snapc.manifest import Manifest
 from snapc.models import load_model
 from snapc.pipeline import Pass, PassContext, PassResult, Pipeline, PipelineResult
+from snapc.targets import TARGETS, TargetEntry
 
 __all__ = ["CompileOptions", "CompileResult", "Reporter", "NullReporter", "compile_model",
-           "load_graph", "random_weights_warning"]
+           "check_quantize", "load_graph", "random_weights_warning"]
 
 
 class Reporter(Protocol):
@@ -62,6 +64,7 @@ class CompileOptions:
     target_options: dict = field(default_factory=dict)
     search: dict | None = None  # SearchBlocks arguments (device, budget, budget_ms, keep, ...)
     fusions: str = "none"  # "all", "none" or comma-separated fusion pass names
+    quantize: dict | None = None  # Quantize arguments (scheme, size_mb, psnr_floor_db, ...)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,13 @@ class _PassReporter:
 
 def default_passes(options: CompileOptions) -> list[Pass]:
     """Return the pass list the compile options ask for."""
-    from snapc.passes import RemoveBlocks, SearchBlocks, fusion_passes, lowering_passes
+    from snapc.passes import (
+        Quantize,
+        RemoveBlocks,
+        SearchBlocks,
+        fusion_passes,
+        lowering_passes,
+    )
 
     passes: list[Pass] = []
     if options.remove:
@@ -114,12 +123,46 @@ def default_passes(options: CompileOptions) -> list[Pass]:
     if fusions:
         passes += fusions
         passes += lowering_passes(_LOWERING.get(options.target, "tvm"))
+    if options.quantize is not None:  # last: its records name the final weights
+        passes.append(Quantize(**options.quantize))
     return passes
+
+
+def check_quantize(options: CompileOptions, entry: TargetEntry) -> None:
+    """Raise SnapcError when ``options.quantize`` is invalid or the target cannot realise it;
+    cheap, so compile_model runs it before loading anything."""
+    from snapc.passes import Quantize
+
+    if options.quantize is None:
+        return
+    quantize = Quantize(**options.quantize)
+    quantize.check()
+    if quantize.scheme not in entry.quant_schemes:
+        realising = sorted(n for n, e in TARGETS.items() if quantize.scheme in e.quant_schemes)
+        raise SnapcError(f"target '{entry.name}' does not realise --quantize {quantize.scheme}; "
+                         f"targets that do: {', '.join(realising)}")
 
 
 # Which lowering a target needs after fusion: ONNX has kernels for the fused ops, Core ML wants
 # the Neural Engine attention layout, TVM (every other target) plain ATen ops.
 _LOWERING = {"onnx": "onnx", "coreml": "coreml"}
+
+
+def _quantization_to_manifest(manifest: Manifest) -> None:
+    """Put the Quantize pass's scheme and mixed-precision figures into the manifest's
+    ``quantization`` section, whose ``layers`` already hold the per-layer records (the pass
+    entry points there instead of repeating them)."""
+    for entry in manifest.passes:
+        if entry["name"] != "quantize":
+            continue
+        info = entry["info"]
+        if "records" in info:
+            info["records"] = "see quantization.layers"
+        manifest.quantization["scheme"] = entry["params"]["scheme"]
+        if "mixed" in info:
+            manifest.quantization["mixed"] = {k: v for k, v in info["mixed"].items()
+                                              if k != "layers"}
+            manifest.quantization["mixed"]["per_layer"] = "see passes[].info.mixed.layers"
 
 
 def compile_model(
@@ -137,6 +180,9 @@ def compile_model(
     reporter = reporter or NullReporter()
     entry = get_target(options.target)
     target_options = entry.make_options(**options.target_options)
+    if hasattr(target_options, "check"):
+        target_options.check()
+    check_quantize(options, entry)
     check_output_dir(options.out, options.force)
     timings: dict[str, float] = {}
 
@@ -175,6 +221,7 @@ def compile_model(
             kwargs["progress"] = lambda msg: reporter.stage(f"{options.target}: {msg}")
         manifest = export(result.graph, tmp, target_options, **kwargs)
         manifest.passes = [r.to_json() for r in result.records]
+        _quantization_to_manifest(manifest)
         for record in result.records:
             if "search" in record.info:
                 from snapc.search_report import plot_front

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import onnx
 import pytest
 from safetensors.torch import save_file
 
@@ -90,3 +91,68 @@ def test_compile_with_impossible_budget_exit_2(tmp_path):
                  "--device", "iphone14pro-ane", "--budget", "0.01")
     assert proc.returncode == 2 and "out of reach" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_compile_tiny_onnx_quantized_is_qdq_and_verified(tmp_path):
+    out = tmp_path / "q"
+    proc = snapc("compile", "tiny", "--target", "onnx", "-o", str(out), "--quantize", "w8")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    quant, ver = manifest["quantization"], manifest["verification"]
+    assert quant["scheme"] == "w8" and quant["counts"]["w8"] == len(quant["layers"]) > 40
+    assert quant["realised"]["realised"]["w8"] > 40
+    assert "fake-quantized" in ver["reference"] and ver["psnr_db"] >= ver["min_psnr_db"] == 60
+    assert 35 < ver["vs_fp32"]["psnr_db"] < ver["psnr_db"]
+    assert manifest["passes"][-1]["name"] == "quantize"
+    model = onnx.load(str(out / "model.onnx"))
+    int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == quant["realised"]["realised"]["w8"]
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == len(int8)
+    assert "quantized" in proc.stdout and "PSNR vs fp32" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantize", "w8", "--size-mb", "2"], "--size-mb applies only to --quantize mixed"),
+    (["--quantize", "mixed"], "exactly one of --size-mb"),
+    (["--quantize", "int3"], "unknown quantization scheme 'int3'"),
+    (["--psnr-floor", "30"], "need --quantize mixed"),
+    (["--quantize", "w4", "--target", "coreml"], "target 'coreml' does not realise"),
+    (["--quantize", "fp16", "--target", "x86"], "target 'x86' does not realise"),
+    (["--coreml-chunks", "2"], "--coreml-chunks applies only to the coreml targets"),
+    (["--target", "coreml", "--coreml-frontend", "jit"], "frontend 'jit' is not valid"),
+    (["--quantize", "mixed", "--size-mb", "0.5"], "cannot reach 0.5 MB"),
+])
+def test_bad_quantize_and_coreml_options_are_one_line_errors(tmp_path, args, message):
+    target = [] if "--target" in args else ["--target", "onnx"]
+    proc = snapc("compile", "tiny", *target, "-o", "x", *args, cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_coreml_flags_reach_the_target_options(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import snapc.compiler
+    from snapc.cli import app
+    from snapc.errors import SnapcError
+
+    seen = []
+
+    def capture(options, reporter=None):
+        seen.append(options)
+        raise SnapcError("captured")
+
+    monkeypatch.setattr(snapc.compiler, "compile_model", capture)
+    result = CliRunner().invoke(app, [
+        "compile", "tiny", "--target", "coreml-palette6", "-o", str(tmp_path / "o"),
+        "--quantize", "palette4", "--calibration", "2", "--coreml-frontend", "export",
+        "--coreml-chunks", "2", "--coreml-palettize", "4", "--coreml-deployment-target",
+        "iOS18", "--coreml-compute-units", "ALL", "--coreml-attention", "original",
+        "--coreml-verifier", "interpreter"])
+    assert result.exit_code == 2 and len(seen) == 1
+    assert seen[0].target_options == {
+        "frontend": "export", "chunks": 2, "palettize": 4, "deployment_target": "iOS18",
+        "compute_units": "ALL", "attention": "original", "verifier": "interpreter"}
+    assert seen[0].quantize == {"scheme": "palette4", "size_mb": None, "psnr_floor_db": None,
+                                "calibration": 2, "seed": 0}
