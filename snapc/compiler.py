@@ -128,16 +128,19 @@ def default_passes(options: CompileOptions) -> list[Pass]:
     return passes
 
 
-def check_quantize(options: CompileOptions, entry: TargetEntry) -> None:
+def check_quantize(options: CompileOptions, entry: TargetEntry,
+                   target_options: object = None) -> None:
     """Raise SnapcError when ``options.quantize`` is invalid or the target cannot realise it;
-    cheap, so compile_model runs it before loading anything."""
+    cheap, so compile_model runs it before loading anything. An fp16 build (``precision``
+    target option) realises fp16 records whatever the target's default."""
     from snapc.passes import Quantize
 
     if options.quantize is None:
         return
     quantize = Quantize(**options.quantize)
     quantize.check()
-    if quantize.scheme not in entry.quant_schemes:
+    fp16_build = quantize.scheme == "fp16" and getattr(target_options, "precision", "") == "fp16"
+    if quantize.scheme not in entry.quant_schemes and not fp16_build:
         realising = sorted(n for n, e in TARGETS.items() if quantize.scheme in e.quant_schemes)
         raise SnapcError(f"target '{entry.name}' does not realise --quantize {quantize.scheme}; "
                          f"targets that do: {', '.join(realising)}")
@@ -182,7 +185,7 @@ def compile_model(
     target_options = entry.make_options(**options.target_options)
     if hasattr(target_options, "check"):
         target_options.check()
-    check_quantize(options, entry)
+    check_quantize(options, entry, target_options)
     check_output_dir(options.out, options.force)
     timings: dict[str, float] = {}
 

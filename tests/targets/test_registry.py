@@ -26,3 +26,16 @@ def test_quant_schemes_match_what_each_target_realises():
         schemes = set(TARGETS[name].quant_schemes)
         assert schemes - {"mixed", "fp16"} == set(REALISED), name
         assert ("fp16" in schemes) == (spec.default_precision == "fp16"), name
+
+
+def test_fp16_records_need_an_fp16_build():
+    from pathlib import Path
+
+    from snapc.compiler import CompileOptions, check_quantize
+
+    entry = get_target("x86")
+    options = CompileOptions(model="tiny", target="x86", out=Path("x"),
+                             quantize={"scheme": "fp16"})
+    with pytest.raises(SnapcError, match="target 'x86' does not realise --quantize fp16"):
+        check_quantize(options, entry, entry.make_options())
+    check_quantize(options, entry, entry.make_options(precision="fp16"))
