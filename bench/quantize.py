@@ -70,38 +70,59 @@ def _output_psnr(reference, candidate, chunks) -> float:
     return compare(ref, out).psnr_db
 
 
-class _PerSample:
-    """A batch-1 graph called on any batch, one sample at a time (the sampler's Denoiser)."""
+def _on(records: dict, device: str) -> dict:
+    """Return ``records`` with their tensors (scales, look-up tables) on ``device``."""
+    return {k: {kk: v.to(device) if isinstance(v, torch.Tensor) else v for kk, v in r.items()}
+            for k, r in records.items()}
 
-    def __init__(self, graph) -> None:
-        self.fn = graph.module()
+
+class _Quantized:
+    """The fake-quantized UNet at any batch size and device: for each new input shape the
+    graph is traced at that batch (``Graph.at_batch``) and the records applied to it again
+    (records name weights and nodes, which do not depend on the batch)."""
+
+    def __init__(self, graph, records: dict | None) -> None:
+        self.graph, self.records = graph, records
+        self._modules: dict[tuple, torch.nn.Module] = {}
 
     def __call__(self, x, t, context):
-        return torch.cat([self.fn(x[i:i + 1], t[i:i + 1], context[i:i + 1])
-                          for i in range(x.shape[0])])
+        key = (tuple(x.shape), x.device)
+        if key not in self._modules:
+            traced = self.graph.at_batch((x, t, context))
+            if self.records is not None:
+                traced = apply_records_to_module(traced, _on(self.records, str(x.device)))
+            self._modules[key] = traced.module()
+        with torch.no_grad():
+            return self._modules[key](x, t, context)
 
 
-def _quality(graph, prompts: int, steps: int) -> dict[str, float]:
+def _quality(graph, records: dict | None, prompts: int, steps: int, device: str
+             ) -> dict[str, float]:
     from snapc.quality import evaluate, load_feature_classifier, validation_codes
     from snapc.shapes.model import load_text_encoder
 
     with torch.no_grad():
-        result = evaluate(_PerSample(graph), load_text_encoder(), load_feature_classifier(),
-                          codes=validation_codes(prompts), steps=steps)
+        result = evaluate(_Quantized(graph, records), load_text_encoder().to(device),
+                          load_feature_classifier().to(device), codes=validation_codes(prompts),
+                          steps=steps, device=device)
     return {"adherence": result["adherence"], "exact": result["exact"], "fd": result["fd"]}
 
 
 def measure(model: str, schemes: list[str], prompts: int, steps: int, calibration: int,
-            mean_bits: float, latency_runs: int) -> dict:
-    """Return the figures of every scheme as a JSON-able dict."""
+            mean_bits: float, latency_runs: int, device: str = "cpu") -> dict:
+    """Return the figures of every scheme as a JSON-able dict (quality sampled on ``device``;
+    ONNX export and onnxruntime latency on the CPU)."""
     graph = load_graph(model)
+    sampler_graph = load_graph(model, device=device) if prompts else None
     chunks = calibration_chunks(graph, calibration_inputs(graph, calibration, seed=1))
     gm = graph.module()
     layer_elems = sum(gm.get_parameter(f"net.{k}").numel() for k in quantizable_layers(gm))
     layer_keys = {f"net.{k}" for k in quantizable_layers(gm)}
     other = sum(t.numel() * 4 for n, t in graph.program.state_dict.items() if n not in layer_keys)
     size_mb = (layer_elems * mean_bits / 8 + other) / 1e6
-    res: dict = {"model": model, "machine": machine(), "prompts": prompts, "steps": steps,
+    where = machine() + (f"; prompts sampled on {torch.cuda.get_device_name()}"
+                         if device == "cuda" else "")
+    res: dict = {"model": model, "machine": where, "prompts": prompts, "steps": steps,
                  "mixed_budget_mb": round(size_mb, 3), "schemes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         fp32_dir = Path(tmp) / "fp32"
@@ -113,7 +134,7 @@ def measure(model: str, schemes: list[str], prompts: int, steps: int, calibratio
         if latency_runs:
             row["ort_ms"] = _latency_ms(fp32_path, graph, latency_runs)
         if prompts:
-            row |= _quality(graph, prompts, steps)
+            row |= _quality(sampler_graph, None, prompts, steps, device)
         res["schemes"]["fp32"] = row
         print("fp32", row, flush=True)
         for scheme in schemes:
@@ -145,7 +166,7 @@ def measure(model: str, schemes: list[str], prompts: int, steps: int, calibratio
             if latency_runs:
                 row["ort_ms"] = _latency_ms(path, graph, latency_runs)
             if prompts:
-                row |= _quality(fake, prompts, steps)
+                row |= _quality(sampler_graph, records, prompts, steps, device)
             row["seconds"] = round(time.perf_counter() - start, 1)
             res["schemes"][scheme] = row
             print(scheme, {k: v for k, v in row.items() if k != "choices"}, flush=True)
@@ -178,10 +199,11 @@ def main() -> None:
     parser.add_argument("--mean-bits", type=float, default=4.5)
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--title", default=None)
+    parser.add_argument("--device", default="cpu", help="where prompts are sampled (cuda)")
     args = parser.parse_args()
     torch.manual_seed(0)
     res = measure(args.model, args.schemes, args.prompts if args.model == "shapes" else 0,
-                  args.steps, args.calibration, args.mean_bits, args.latency_runs)
+                  args.steps, args.calibration, args.mean_bits, args.latency_runs, args.device)
     OUT.mkdir(exist_ok=True)
     (OUT / f"quantize_{args.model}.json").write_text(json.dumps(res, indent=1, default=str))
     write_section(args.title or f"Quantization ({args.model})", render(res))
