@@ -153,8 +153,9 @@ def _min_psnr(options: TvmOptions, precision: str) -> float:
 
 
 def _run_here(folder: Path, graph: Graph, imported: Imported, device: tvm.runtime.Device,
-              min_psnr_db: float) -> dict[str, Any]:
-    """Load the written model.so and weights, run them on ``device`` and compare."""
+              min_psnr_db: float, original: Graph) -> dict[str, Any]:
+    """Load the written model.so and weights, run them on ``device`` and compare with
+    ``graph`` in PyTorch (and with ``original``, the unquantized graph, when it differs)."""
     import tvm
     from safetensors.numpy import load_file
     from tvm import relax
@@ -165,10 +166,15 @@ def _run_here(folder: Path, graph: Graph, imported: Imported, device: tvm.runtim
     args += [tvm.runtime.tensor(weights[n], device) for n in imported.param_names]
     output = vm[ENTRY](*args).numpy()
     numerics = compare(graph.run(), output)
-    result = {"reference": "torch (same graph, fp32, CPU)", "runtime": f"TVM VM on {device}",
+    quantized = original is not graph
+    reference = ("torch, the same graph with its weights dequantized from the stored codes "
+                 "(fp32, CPU)" if quantized else "torch (same graph, fp32, CPU)")
+    result = {"reference": reference, "runtime": f"TVM VM on {device}",
               "artifact": "the written model.so and params.safetensors",
               "inputs": "the graph's example inputs", "min_psnr_db": min_psnr_db,
               "passed": numerics.passes(min_psnr_db), **numerics.to_json()}
+    if quantized:
+        result["vs_fp32"] = compare(original.run(), output).to_json()
     if not result["passed"]:
         raise VerificationError(
             f"TVM output PSNR {numerics.psnr_db:.1f} dB < {min_psnr_db} dB vs PyTorch "
@@ -263,8 +269,8 @@ def _cuda_device_here() -> tvm.runtime.Device | None:
 
 def _verify(spec: TvmTargetSpec, folder: Path, graph: Graph, imported: Imported,
             lowered: Lowered, executable: tvm.runtime.Executable, twin: Lowered | None,
-            options: TvmOptions, precision: str,
-            progress: Callable[[str], None]) -> dict[str, Any]:
+            options: TvmOptions, precision: str, progress: Callable[[str], None],
+            original: Graph) -> dict[str, Any]:
     import tvm
 
     if spec.device == "opencl":
@@ -272,12 +278,12 @@ def _verify(spec: TvmTargetSpec, folder: Path, graph: Graph, imported: Imported,
     min_psnr = _min_psnr(options, precision)
     if spec.name == "x86":
         progress("running model.so here against PyTorch")
-        return _run_here(folder, graph, imported, tvm.cpu(0), min_psnr)
+        return _run_here(folder, graph, imported, tvm.cpu(0), min_psnr, original)
     if spec.device == "cuda":
         device = _cuda_device_here()
         if device is not None:
             progress("running model.so on the GPU against PyTorch")
-            return _run_here(folder, graph, imported, device, min_psnr)
+            return _run_here(folder, graph, imported, device, min_psnr, original)
         return {"passed": None,
                 "compiled": f"CUDA kernels compiled by nvcc to {options.cuda_arch} cubin",
                 "ran": False, "reason": "no CUDA device on this machine; rerun the export on "
@@ -323,6 +329,7 @@ def export(
     out_dir, notes, timings = Path(out_dir), [], {}
 
     quantized: dict[str, Any] = {}
+    original = graph
     if graph.quant:
         from snapc.targets.tvm_quant import dequantizing_graph
 
@@ -362,13 +369,13 @@ def export(
         progress("lowering the fp32 twin for the OpenCL check")
         twin = lower(imported.module, target)
     verification = _verify(spec, out_dir, graph, built, lowered, executable, twin, options,
-                           precision, progress)
+                           precision, progress, original)
     timings["verify_s"] = time.perf_counter() - start
     if verification.get("passed") is None:
         notes.append(f"not verified numerically: {verification['reason']}")
 
-    return Manifest.for_graph(
-        graph, spec.name,
+    manifest = Manifest.for_graph(
+        original, spec.name,
         files=files,
         target_options=asdict(options), verification=verification,
         versions=versions("apache-tvm", "pyopencl", "diffusers"), notes=notes,
@@ -387,3 +394,23 @@ def export(
             "params_bytes": (out_dir / PARAMS).stat().st_size,
         }},
     )
+    if original.quant:
+        manifest.quantization["realised"] = _realised(original.quant, quantized)
+    return manifest
+
+
+def _realised(records: dict[str, dict[str, Any]], quantized: dict[str, Any]) -> dict[str, Any]:
+    """Return how the graph's quantization records were realised by the TVM build."""
+    from collections import Counter
+
+    from snapc.passes.quantize import NODE_PREFIX
+
+    weights = {k: r for k, r in records.items() if not k.startswith(NODE_PREFIX)}
+    return {"format": "integer codes in params.safetensors, dequantized in the graph "
+                      "(snapc.targets.tvm_quant)",
+            "realised": dict(Counter(q["scheme"] for q in quantized.values())),
+            "not_realised": sorted(k for k, r in weights.items() if k not in quantized
+                                   and r["scheme"] not in ("fp16", "fp32")),  # = build dtype
+            "notes": ["w8a8 activation scales are not realised (TVM computes in the build's "
+                      "precision)", "fp32 islands are not kept: TVM computes the whole graph "
+                      "in the build's precision", "w4 codes are stored one per int8 byte"]}

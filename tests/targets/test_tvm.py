@@ -157,6 +157,9 @@ def test_x86_w8_build_stores_int8_weights_and_matches(graph: Graph, tmp_path: Pa
     info = json.loads((tmp_path / "manifest.json").read_text())["extra"]["tvm"]
     int8 = [n for n, w in weights.items() if str(w.dtype) == "int8"]
     assert len(int8) == len(info["quantized_weights"]) > 0
+    assert "dequantized" in manifest.verification["reference"]
+    assert 20 < manifest.verification["vs_fp32"]["psnr_db"] < manifest.verification["psnr_db"]
+    assert manifest.quantization["realised"]["realised"] == {"w8": len(int8)}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
