@@ -127,7 +127,7 @@ def measure(model: str, schemes: list[str], prompts: int, steps: int, calibratio
     with tempfile.TemporaryDirectory() as tmp:
         fp32_dir = Path(tmp) / "fp32"
         fp32_dir.mkdir()
-        export(graph, fp32_dir, OnnxOptions())
+        export(graph, fp32_dir, OnnxOptions(separate_weights=True))  # QDQ names weights
         fp32_path = fp32_dir / "model.onnx"
         fp32_bytes = sum(f.stat().st_size for f in fp32_dir.glob("model.onnx*"))
         row = {"size_mb": fp32_bytes / 1e6, "psnr_db": None}

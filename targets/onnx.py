@@ -38,6 +38,9 @@ ONNX_PROTOBUF_LIMIT = 2 * 1024**3  # protobuf cannot serialise a single message 
 MODEL_FILE = "model.onnx"
 
 
+PACKING_PASSES = ("fuse_qkv", "fuse_attention")  # onnxsim passes that merge weights
+
+
 @dataclass(frozen=True)
 class OnnxOptions:
     """Options of the ONNX target.
@@ -46,7 +49,10 @@ class OnnxOptions:
     quantization, which is checked against the fake-quantized graph: the same weights).
     ``min_psnr_db_w8a8`` is the gate when activations are quantized too: onnxruntime's integer
     kernels round (and saturate) differently from the fake-quantized graph.
-    ``simplify`` runs onnxsim; ``opset`` is the ONNX opset to emit.
+    ``simplify`` runs onnxsim; ``opset`` is the ONNX opset to emit. ``separate_weights``
+    keeps every weight its own initializer (onnxsim's ``fuse_qkv`` packs q/k/v projections
+    into one MatMul, its ``fuse_attention`` into a com.microsoft.Attention); it is forced on
+    when the graph has quantization records, which name weights one by one.
     """
 
     opset: int = 18
@@ -54,6 +60,7 @@ class OnnxOptions:
     min_psnr_db: float = 60.0
     min_psnr_db_w8a8: float = 30.0
     threads: int = 0
+    separate_weights: bool = False
 
 
 @contextlib.contextmanager
@@ -84,20 +91,24 @@ def _export_onnx(graph: Graph, path: Path, options: OnnxOptions, log: io.StringI
         program.save(str(path), external_data=graph.param_bytes() >= ONNX_PROTOBUF_LIMIT // 2)
 
 
-def _simplify(path: Path, large: bool, log: io.StringIO) -> dict[str, object]:
+def _simplify(path: Path, large: bool, log: io.StringIO, skipped: list[str]
+              ) -> dict[str, object]:
     import onnx
     import onnxsim
 
     before = len(onnx.load(str(path), load_external_data=False).graph.node)
     with _quiet(log):
         if large:
-            simplified, ok = onnxsim.simplify(str(path), output_path=str(path))
+            simplified, ok = onnxsim.simplify(str(path), output_path=str(path),
+                                              skipped_optimizers=skipped or None)
         else:
-            simplified, ok = onnxsim.simplify(onnx.load(str(path)))
+            simplified, ok = onnxsim.simplify(onnx.load(str(path)),
+                                              skipped_optimizers=skipped or None)
             if ok:
                 onnx.save(simplified, str(path))
     after = len(onnx.load(str(path), load_external_data=False).graph.node)
-    return {"ran": True, "checked": bool(ok), "nodes_before": before, "nodes_after": after}
+    return {"ran": True, "checked": bool(ok), "nodes_before": before, "nodes_after": after,
+            "skipped_optimizers": skipped}
 
 
 def _run_onnxruntime(path: Path, graph: Graph, threads: int) -> torch.Tensor:
@@ -140,7 +151,8 @@ def export(
     if options.simplify:
         progress("simplifying with onnxsim")
         start = time.perf_counter()
-        simplify = _simplify(path, large, log)
+        separate = options.separate_weights or bool(_weight_records(graph))
+        simplify = _simplify(path, large, log, list(PACKING_PASSES) if separate else [])
         timings["simplify_s"] = time.perf_counter() - start
 
     quant: dict[str, object] = {}

@@ -23,7 +23,7 @@ from snapc.targets.onnx_qdq import apply_qdq, int8_kernels
 @pytest.fixture(scope="module")
 def fp32_onnx(tmp_path_factory, tiny_graph):
     out = tmp_path_factory.mktemp("fp32")
-    export(tiny_graph, out, OnnxOptions())
+    export(tiny_graph, out, OnnxOptions(separate_weights=True))  # as a quantized export does
     return out / "model.onnx"
 
 
@@ -49,9 +49,10 @@ def test_qdq_runs_in_onnxruntime_and_matches_fake_quant(tmp_path, fp32_onnx, tin
     onnx.checker.check_model(model)
     used = {name for node in model.graph.node for name in node.input}
     assert [i.name for i in model.graph.initializer if i.name not in used] == []  # w8a8 biases
-    # the ONNX optimizer packs self-attention q/k/v weights into one constant and folds the
-    # transformer blocks' first LayerNorm constants: those stay fp32 (reported as unmatched)
-    assert all(".attn1.to_" in k or ".norm1." in k for k in info["unmatched"])
+    # every conv/linear weight is found (onnxsim's q/k/v packing is off for quantized
+    # exports); only LayerNorm/GroupNorm constants the exporter folds stay fp32 (fp16 records)
+    assert all(".norm" in k for k in info["unmatched"])
+    assert scheme == "fp16" or info["unmatched"] == []
     assert len(info["realised"]) == 1
     assert sum(info["realised"].values()) > 40
     records = {k: v for k, v in records.items() if k not in info["unmatched"]}
