@@ -129,7 +129,7 @@ def measure(model: str, schemes: list[str], prompts: int, steps: int, calibratio
         fp32_dir.mkdir()
         export(graph, fp32_dir, OnnxOptions(separate_weights=True))  # QDQ names weights
         fp32_path = fp32_dir / "model.onnx"
-        fp32_bytes = sum(f.stat().st_size for f in fp32_dir.glob("model.onnx*"))
+        fp32_bytes = sum(f.stat().st_size for f in fp32_dir.glob("model.onnx*"))  # + .data
         row = {"size_mb": fp32_bytes / 1e6, "psnr_db": None}
         if latency_runs:
             row["ort_ms"] = _latency_ms(fp32_path, graph, latency_runs)
@@ -143,8 +143,7 @@ def measure(model: str, schemes: list[str], prompts: int, steps: int, calibratio
             result = quant.run(graph, PassContext())
             records = quant_records(result)
             path = Path(tmp) / scheme / "model.onnx"
-            path.parent.mkdir()
-            shutil.copy(fp32_path, path)
+            shutil.copytree(fp32_dir, path.parent)  # with external data (sd15 is over 2 GB)
             onnx_records = {k: v for k, v in records.items() if not k.startswith("node:")}
             info = apply_qdq(path, graph, onnx_records)
             fake = apply_records_to_module(graph, records)

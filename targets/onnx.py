@@ -106,9 +106,31 @@ def _simplify(path: Path, large: bool, log: io.StringIO, skipped: list[str]
                                               skipped_optimizers=skipped or None)
             if ok:
                 onnx.save(simplified, str(path))
+    if large:
+        _one_data_file(path)
     after = len(onnx.load(str(path), load_external_data=False).graph.node)
     return {"ran": True, "checked": bool(ok), "nodes_before": before, "nodes_after": after,
             "skipped_optimizers": skipped}
+
+
+def _one_data_file(path: Path) -> None:
+    """Store the weights of the ONNX model at ``path`` in ``<name>.data`` beside it and delete
+    any other data file: onnxsim writes a large model's weights to a file with a random
+    name and leaves the exporter's ``.data`` file behind."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in model.graph.initializer
+                 if t.data_location == onnx.TensorProto.EXTERNAL}
+    wanted = f"{path.name}.data"
+    if locations <= {wanted}:
+        return
+    model = onnx.load(str(path))
+    others = [path.parent / name for name in locations | {wanted}]
+    for old in others:
+        old.unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, location=wanted)
 
 
 def _run_onnxruntime(path: Path, graph: Graph, threads: int) -> torch.Tensor:
