@@ -17,11 +17,14 @@ from for the ANE report. Then:
    reference (the PSNR vs fp32 is recorded as ``verification.vs_fp32``);
 3. a model with more than ``max_chunk_bytes`` of weights (or ``chunks >= 2``) is split into
    chained mlpackages (``targets/coreml_chunk.py``), and the chain must reproduce the whole
-   program exactly;
+   program exactly: the interpreter runs the whole converted program once, keeping the value
+   of every chunk boundary, and every output of every chunk in the chain run must equal it bit
+   for bit (two interpreter passes in all: the whole program, and the chain that step 4 runs);
 4. verification: on macOS, Core ML prediction; elsewhere the numpy MIL interpreter
    (``targets/coreml_mil_interp.py``) runs the written packages. The output is compared with
-   PyTorch on the graph's example inputs; below ``min_psnr_db`` (35 dB, Apple's gate) nothing
-   is written.
+   PyTorch on the graph's example inputs (the output of ``torch.jit.trace``'s own forward run
+   when no legalization pass changed the graph, else a run of the graph); below
+   ``min_psnr_db`` (35 dB, Apple's gate) nothing is written.
 
 Files: ``UNet.mlpackage`` or ``UNet_chunk{k}.mlpackage``, ``ane_report.json``,
 ``export_log.txt``, ``manifest.json`` (the chain under ``extra.chunks``).
@@ -175,23 +178,40 @@ def _unquieted(progress: Callable[[str], None]) -> Callable[[str], None]:
 def _unflattened(graph: Graph) -> torch.nn.Module:
     """Return the graph's program as a module tree like the original model (names kept).
 
-    ``torch.export.unflatten`` copies every parameter; the copies are swapped for the
-    program's own tensors (3.4 GB less for SD-1.5 during conversion).
+    ``torch.export.unflatten`` copies every parameter (3.4 GB for SD-1.5): the copies are
+    swapped for the program's own tensors everywhere they are held (the modules, and the
+    ``graph_module`` each InterpreterModule keeps outside its registered children), and the
+    reference torch leaves to the module in the program's graph meta is dropped, so nothing of
+    it outlives the conversion.
     """
     try:
         module = torch.export.unflatten(graph.program)
     except Exception:  # unflatten refuses some programs; the flat module converts the same
         return graph.module()
+    meta = graph.program.graph_module.meta
+    if meta.get("unflattened_module") is module:  # torch.export.unflatten sets it
+        del meta["unflattened_module"]
     state = graph.program.state_dict
-    for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
-        if name not in state:
+    copies = {id(t): (t, state[name]) for name, t in
+              list(module.named_parameters()) + list(module.named_buffers()) if name in state}
+    seen: set[int] = set()
+    stack: list[torch.nn.Module] = [module]
+    while stack:
+        owner = stack.pop()
+        if id(owner) in seen:
             continue
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(state[name], requires_grad=False)
-        else:
-            owner._buffers[leaf] = state[name]
+        seen.add(id(owner))
+        stack.extend(m for m in owner._modules.values() if m is not None)
+        inner = owner.__dict__.get("graph_module")
+        if isinstance(inner, torch.nn.Module):
+            stack.append(inner)
+        for leaf, tensor in list(owner._parameters.items()):
+            if tensor is not None and id(tensor) in copies:
+                owner._parameters[leaf] = torch.nn.Parameter(copies[id(tensor)][1],
+                                                             requires_grad=False)
+        for leaf, tensor in list(owner._buffers.items()):
+            if tensor is not None and id(tensor) in copies:
+                owner._buffers[leaf] = copies[id(tensor)][1]
     return module
 
 
@@ -236,6 +256,38 @@ def _validate_once() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _fast_overflow_check() -> Iterator[None]:
+    """Test fp32 constants for fp16 overflow with one masked max instead of ``np.where``.
+
+    coremltools' fp16 cast pass (``FP16ComputePrecision.fp16_overflow``) looks for a value
+    with 65504 < |v| < 1e38 in every fp32 constant through ``abs_value[np.where(...)]``, which
+    builds int64 index arrays for every element: 51 s and over 1 GB at once for SD-1.5 (the
+    largest single stage of a plain conversion). Inside this context the same test is
+    ``np.max(|v|, where=|v| < 1e38, initial=0) > 65504``: the same answer for every input
+    (NaN excluded by both). Scoped here, never applied at import.
+    """
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    original = FP16ComputePrecision.__dict__["fp16_overflow"]
+
+    def fp16_overflow(op: Any) -> bool:
+        for inputs in op.inputs.values():
+            for var in inputs if isinstance(inputs, (list, tuple)) else (inputs,):
+                if (var.op is not None and var.op.op_type == "const"
+                        and var.is_tensor_or_scalar_of(dtype="fp32")):
+                    magnitude = np.abs(np.asarray(var.op.val.val))
+                    if np.max(magnitude, where=magnitude < 1e38, initial=0.0) > 65504:
+                        return True
+        return False
+
+    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+    try:
+        yield
+    finally:
+        FP16ComputePrecision.fp16_overflow = original
+
+
+@contextlib.contextmanager
 def _alias_is_noop() -> Iterator[None]:
     """Convert ``aten::alias`` like ``alias_copy`` (a no-op) while converting.
 
@@ -256,8 +308,14 @@ def _alias_is_noop() -> Iterator[None]:
             table.pop("alias", None)
 
 
-def _convert(graph: Graph, options: CoreMLOptions, ct: Any) -> tuple[Any, Callable[[Any], str]]:
-    """Convert ``graph`` to an MLModel; return it and a function naming each op's layer."""
+def _convert(graph: Graph, options: CoreMLOptions, ct: Any,
+             traced_output: list[torch.Tensor] | None = None,
+             ) -> tuple[Any, Callable[[Any], str]]:
+    """Convert ``graph`` to an MLModel; return it and a function naming each op's layer.
+
+    With the trace frontend, ``traced_output`` (when given) receives the output of the forward
+    run that ``torch.jit.trace`` makes: the graph run by PyTorch on its example inputs.
+    """
     common = dict(
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16,
@@ -270,16 +328,20 @@ def _convert(graph: Graph, options: CoreMLOptions, ct: Any) -> tuple[Any, Callab
               for n, t in zip(graph.input_names, graph.example_inputs, strict=True)]
     if options.frontend == "export":
         program = graph.program.run_decompositions({})
-        with _validate_once(), _alias_is_noop():
+        with _validate_once(), _fast_overflow_check(), _alias_is_noop():
             mlmodel = ct.convert(program, inputs=inputs, **common)
         mlmodel._mil_program.validate()
         return mlmodel, lambda op: ""
     module = _unflattened(graph)
+    hook = (module.register_forward_hook(lambda _m, _i, out: traced_output.append(out.detach()))
+            if traced_output is not None else None)
     with torch.no_grad():
         traced = torch.jit.trace(module, graph.example_inputs, check_trace=False, strict=False)
+    if hook is not None:
+        hook.remove()
     del module
     paths = _scope_paths(traced)
-    with _validate_once(), _alias_is_noop():
+    with _validate_once(), _fast_overflow_check(), _alias_is_noop():
         mlmodel = ct.convert(traced, inputs=inputs, **common)
     mlmodel._mil_program.validate()
     return mlmodel, _layer_finder(paths)
@@ -321,46 +383,65 @@ def _predict_coreml(paths: list[Path], feeds: dict[str, np.ndarray], ct: Any,
 
 
 def _predict_interpreter(paths: list[Path], feeds: dict[str, np.ndarray],
-                         progress: Callable[[str], None]) -> np.ndarray:
-    """Run the chained packages with the numpy MIL interpreter and return the output."""
+                         progress: Callable[[str], None],
+                         expected: dict[str, np.ndarray] | None = None,
+                         ) -> tuple[np.ndarray, dict[str, float]]:
+    """Run the chained packages with the numpy MIL interpreter; return the output and, for
+    each value named in ``expected`` that a chunk outputs, its max abs difference from it."""
     from snapc.targets.coreml_mil_interp import load_program, run_program
 
     values: dict[str, np.ndarray] = dict(feeds)
+    diffs: dict[str, float] = {}
     for k, path in enumerate(paths, 1):
         progress(f"interpreting {path.name} ({k}/{len(paths)})")
         program = load_program(path)
         names = list(program.functions["main"].inputs)
-        values.update(run_program(program, {n: values[n] for n in names}))
+        outputs = run_program(program, {n: values[n] for n in names})
         del program
-    return np.asarray(values[OUTPUT_NAME])
+        for name, value in outputs.items():
+            if expected is not None and name in expected:
+                diffs[name] = _max_abs_diff(value, expected[name])
+        values.update(outputs)
+    return np.asarray(values[OUTPUT_NAME]), diffs
 
 
-def _write_chunks(whole: Path, out_dir: Path, n_chunks: int, options: CoreMLOptions, ct: Any,
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Return max |a - b|: 0.0 only when equal (NaN where NaN), inf for a shape or NaN
+    mismatch."""
+    if a.shape != b.shape:
+        return float("inf")
+    if np.array_equal(a, b, equal_nan=True):
+        return 0.0
+    diff = float(np.max(np.abs(a.astype(np.float32) - b.astype(np.float32))))
+    return diff if diff > 0.0 else float("inf")  # NaN (or equal values of unequal dtype)
+
+
+def _write_chunks(whole: Path, out_dir: Path, n_chunks: int, options: CoreMLOptions,
                   progress: Callable[[str], None]) -> list[dict[str, Any]]:
     """Split the package ``whole`` into chained packages in ``out_dir``; return the chain.
 
     With ``chunks=0`` (auto) a chunk at or over ``max_chunk_bytes`` adds one more chunk and
     splits again; with an explicit count it raises SnapcError naming the fix.
     """
-    from snapc.targets.coreml_chunk import chunk_model
-    from snapc.targets.coreml_mil_interp import load_program
+    import shutil
+
+    from snapc.targets.coreml_chunk import split_package
 
     while True:
         progress(f"splitting into {n_chunks} chunks")
-        pieces = chunk_model(lambda: load_program(whole), n_chunks, _repack(ct, options))
-        too_big = [s for _, s in pieces if s.weight_bytes >= options.max_chunk_bytes]
+        paths = [out_dir / f"{MODEL_NAME}_chunk{k}.mlpackage" for k in range(1, n_chunks + 1)]
+        specs = split_package(whole, n_chunks, paths)
+        too_big = [s for s in specs if s.weight_bytes >= options.max_chunk_bytes]
         if not too_big:
             break
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
         if options.chunks:
             raise SnapcError(f"chunk {too_big[0].index} holds {too_big[0].weight_bytes} weight "
                              f"bytes >= {options.max_chunk_bytes}; ask for more --chunks")
         n_chunks += 1
-    chain = []
-    for model, spec in pieces:
-        path = out_dir / f"{MODEL_NAME}_chunk{spec.index}.mlpackage"
-        model.save(str(path))
-        chain.append({"file": path.name, **spec.to_json()})
-    return chain
+    return [{"file": path.name, **spec.to_json()} for path, spec in zip(paths, specs,
+                                                                         strict=True)]
 
 
 # ---- the entry point -------------------------------------------------------------------------
@@ -379,7 +460,7 @@ def export(
     """
     from snapc.targets.coreml_ane_report import ane_report
     from snapc.targets.coreml_chunk import chunks_needed, weight_bytes
-    from snapc.targets.coreml_mil_interp import load_program, run_program
+    from snapc.targets.coreml_mil_interp import run_program
     from snapc.targets.coreml_quant import (
         apply_quantization,
         compressed_weights,
@@ -408,14 +489,18 @@ def export(
     # fake-quantized graph is the verification reference.
     source = (apply_records_to_module(graph, weight_records, activations=False)
               if weight_records else graph)
-    reference = source.run()
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(graph.input_names,
                                                          graph.example_inputs, strict=True)}
     passes = pipeline(options)
     legal = Pipeline(passes).run(source, PassContext(check=True)) if passes else None
     target_graph = legal.graph if legal else source
     progress(f"converting with coremltools ({options.frontend} frontend)")
-    mlmodel, layer_of = timed("convert_s", lambda: _convert(target_graph, options, ct))
+    traced: list[torch.Tensor] = []
+    mlmodel, layer_of = timed("convert_s", lambda: _convert(target_graph, options, ct, traced))
+    # jit.trace ran the converted graph on the example inputs: when no pass changed it, that
+    # run is the PyTorch reference (one SD-1.5 forward less); else run the source graph.
+    reference = (traced.pop() if target_graph is source and len(traced) == 1
+                 and isinstance(traced[0], torch.Tensor) else source.run())
     program = mlmodel._mil_program
 
     progress("checking Neural Engine constraints")
@@ -432,15 +517,13 @@ def export(
         mlmodel = timed("repack_s", lambda: _repack(ct, options)(program))
     total = weight_bytes(program)
     compressed = compressed_weights(program)
-    mlmodel._mil_program = None  # the chunker reloads the package; free the in-memory copy
-    program = None
     whole_path = Path(mlmodel.package_path)
     n_chunks = options.chunks or chunks_needed(total, options.max_chunk_bytes)
     files: dict[str, str] = {"ane_report": "ane_report.json", "log": "export_log.txt"}
     chain: list[dict[str, Any]] = []
     if n_chunks >= 2:
         chain = timed("chunk_s", lambda: _write_chunks(whole_path, out_dir, n_chunks, options,
-                                                       ct, progress))
+                                                       progress))
         paths = [out_dir / c["file"] for c in chain]
         files.update({f"chunk{c['index']}": c["file"] for c in chain})
     else:
@@ -449,32 +532,51 @@ def export(
         paths = [path]
         files["model"] = path.name
 
+    # The chain check's reference: the whole converted program (the one in memory, which the
+    # package was written from), run once by the interpreter, keeping the value of every chunk
+    # boundary. The chain run below then compares each chunk's outputs with these.
+    boundaries: dict[str, np.ndarray] | None = None
+    if len(paths) > 1:
+        progress("running the whole program with the MIL interpreter (chain reference)")
+        names = [n for c in chain for n in c["outputs"]]
+        boundaries = timed("chain_check_s", lambda: run_program(program, feeds, keep=names))
+    mlmodel._mil_program = None  # verification reads the written packages; free this copy
+    program = None
+
     reason = _coreml_runtime_reason(ct)
     use_coreml = options.verifier == "coreml" or (options.verifier == "auto" and reason is None)
     if use_coreml and reason is not None:
         raise ToolMissingError(f"verifier 'coreml' cannot run: {reason}; use --verifier "
                                "interpreter")
     progress("verifying with " + ("Core ML prediction" if use_coreml else "the MIL interpreter"))
+    diffs: dict[str, float] = {}
     if use_coreml:
         output = timed("verify_s", lambda: _predict_coreml(paths, feeds, ct, options))
+        if boundaries is not None:  # the chain check runs the interpreter on the chunks too
+            _, diffs = _predict_interpreter(paths, feeds, progress, boundaries)
     else:
-        output = timed("verify_s", lambda: _predict_interpreter(paths, feeds, progress))
+        output, diffs = timed("verify_s", lambda: _predict_interpreter(paths, feeds, progress,
+                                                                       boundaries))
     numerics = compare(reference, torch.from_numpy(output.astype(np.float32)))
     vs_fp32 = (compare(graph.run(), torch.from_numpy(output.astype(np.float32)))
                if weight_records else None)
 
     chain_check: dict[str, Any] = {"ran": False}
-    if len(paths) > 1:
+    if boundaries is not None:
         progress("checking that the chained chunks equal the whole program")
-        whole = timed("chain_check_s", lambda: run_program(
-            load_program(whole_path), feeds)[OUTPUT_NAME])
-        chained = output if not use_coreml else _predict_interpreter(paths, feeds, progress)
-        diff = float(np.max(np.abs(whole.astype(np.float32) - chained.astype(np.float32))))
+        missing = sorted(set(boundaries) - set(diffs))
+        diff = max(diffs.values(), default=0.0) if not missing else float("inf")
+        worst = max(diffs, key=diffs.get) if diffs else ""
         chain_check = {"ran": True, "max_abs_diff": diff, "equal": diff == 0.0,
+                       "boundaries_compared": len(diffs),
+                       "compared": "every chunk output (chunk boundaries and the model output) "
+                                   "vs the whole program's value of the same name",
                        "runtime": "numpy MIL interpreter"}
         if diff != 0.0:
-            raise VerificationError(f"chained chunks differ from the whole program (max abs "
-                                    f"{diff:.3g}); artifact not written")
+            where = (f"boundary values {missing[:3]} never produced" if missing
+                     else f"max abs {diff:.3g} at '{worst}'")
+            raise VerificationError(f"chained chunks differ from the whole program ({where}); "
+                                    "artifact not written")
     mlmodel = None  # removes its temporary package
     (out_dir / "export_log.txt").write_text(log.getvalue())
     if not numerics.passes(options.min_psnr_db):

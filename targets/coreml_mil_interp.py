@@ -7,6 +7,18 @@ declares for it (fp16 for a FLOAT16 conversion), the way Core ML stores fp16 act
 Weights stay in the dtype the package stores them in (fp16, or palettized / int8 and expanded one
 op at a time), and a value is freed after its last use, so an SD-1.5 UNet runs in a few GB.
 
+Speed (an SD-1.5 UNet is run once or twice per compile): an fp16 value is held as the float32
+array of its exact fp16 values (rounded to nearest, ties to even, by float32 arithmetic,
+``_round_half``; bit for bit what ``astype(float16)`` gives, without numpy's slow path for
+values in the fp16 subnormal range), so no op widens its inputs again; fp16 weights are widened
+through a 65,536-entry table. Attention (``matmul -> softmax -> matmul`` whose intermediate values
+have no other reader) runs fused, in blocks of rows, so the score matrix is never materialised;
+``matmul`` always computes in the same row blocks, so fused and unfused runs give identical bits
+(a chunked program may cut between the three ops). Heads, row blocks of conv / linear products
+and im2col copies run on a pool of one thread per core while numpy's OpenBLAS is held to one
+thread (its own thread hand-off costs more than small blocks take); how work is split depends
+on shapes only, so the bits do not depend on the core count.
+
 It covers the ops coremltools emits for diffusers UNets (conv, linear, matmul, norms, softmax,
 attention, shape ops, activations) plus the compressed-weight ops of
 ``coremltools.optimize.coreml`` (``constexpr_lut_to_dense``, ``constexpr_affine_dequantize``,
@@ -19,12 +31,17 @@ Hand-written rather than a library: nothing maintained executes MIL off Apple pl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import ctypes
+import math
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from scipy.special import erf
 
 from snapc.errors import UnsupportedOpsError
@@ -45,9 +62,79 @@ def _kernel(*names: str) -> Callable[[Kernel], Kernel]:
     return register
 
 
+_HALF_TABLE: list[np.ndarray] = []  # the float32 value of every fp16 bit pattern, built once
+
+
 def _f32(x: Any) -> np.ndarray:
-    """Return ``x`` as a float32 array (fp16 storage is widened for compute)."""
+    """Return ``x`` as a float32 array (fp16 storage is widened for compute, exactly)."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float16 and x.ndim:
+        if not _HALF_TABLE:
+            bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+            _HALF_TABLE.append(bits.view(np.float16).astype(np.float32))
+        return _HALF_TABLE[0][x.view(np.uint16)]  # a table look-up: 2x numpy's fp16 cast
     return np.asarray(x, dtype=np.float32)
+
+
+_EXPONENT = np.uint32(0x7F800000)
+_HALF_MIN_EXPONENT = np.uint32(113 << 23)  # 2**-14: below it fp16 is subnormal, on a 2**-24 grid
+_HALF_SHIFT = np.uint32(13 << 23)  # x 2**13: fp16 keeps 10 of float32's 23 fraction bits
+_HALF_LIMIT = 65520.0  # fp16 rounds from here on to infinity
+_BLOCK = 1 << 16  # elements per step of the in-place loops (stays in cache)
+_ROW_ELEMENTS = 1 << 18  # output elements per BLAS call of a matmul (see _row_block)
+_WORKERS = max(1, min(os.cpu_count() or 1, 8))  # threads for independent matrices and blocks
+_POOL: list[ThreadPoolExecutor] = []
+_THREADS = "mil-interp"
+
+
+def _parallel(fn: Callable[[Any], None], items: list[Any]) -> None:
+    """Call ``fn`` on every item, on up to _WORKERS threads (numpy and BLAS release the GIL).
+
+    Each item's work is the same whatever the thread count, so results do not depend on it.
+    """
+    if _WORKERS < 2 or len(items) < 2 or threading.current_thread().name.startswith(_THREADS):
+        for item in items:  # (inside a worker, nested work runs in that worker)
+            fn(item)
+        return
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(_WORKERS, thread_name_prefix=_THREADS))
+    for future in [_POOL[0].submit(fn, item) for item in items]:
+        future.result()
+
+
+def _round_half(x: np.ndarray, nonnegative: bool = False) -> np.ndarray:
+    """Round the float32 array ``x`` to fp16 values (nearest, ties to even) and return it: in
+    place when ``x`` is C-contiguous, else in a contiguous copy.
+
+    Adding and subtracting ``c = 2**(e + 13)`` (``e`` the exponent of ``|x|``, at least -14)
+    rounds ``|x|`` to a multiple of its fp16 ulp in one float32 rounding; the sign goes back
+    with copysign (so -0.0 stays). Equal bit for bit to ``x.astype(float16)`` widened back
+    (tests check every case); values out of fp16's finite range take numpy's cast.
+    ``nonnegative``: the caller knows ``x >= 0`` (softmax): two passes fewer.
+    """
+    if not x.size:
+        return x
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    if not (x.max() < _HALF_LIMIT and x.min() > -_HALF_LIMIT):  # also false for NaN
+        with np.errstate(over="ignore", invalid="ignore"):
+            x[...] = x.astype(np.float16)
+        return x
+    flat = x.reshape(-1)
+    size = min(flat.size, _BLOCK)
+    mag, step = np.empty(size, np.float32), np.empty(size, np.uint32)
+    for start in range(0, flat.size, _BLOCK):
+        part = flat[start:start + _BLOCK]
+        m, c = (part if nonnegative else mag[:part.size]), step[:part.size]
+        if not nonnegative:
+            np.abs(part, out=m)
+        np.bitwise_and(m.view(np.uint32), _EXPONENT, out=c)
+        np.maximum(c, _HALF_MIN_EXPONENT, out=c)
+        c += _HALF_SHIFT
+        m += c.view(np.float32)
+        m -= c.view(np.float32)
+        if not nonnegative:
+            np.copysign(m, part, out=part)
+    return x
 
 
 def _axes(axes: Any, rank: int) -> tuple[int, ...] | None:
@@ -207,26 +294,98 @@ def _batch_norm(a: dict[str, Any]) -> np.ndarray:
 def _softmax(a: dict[str, Any]) -> np.ndarray:
     x = _f32(a["x"])
     axis = int(a.get("axis", -1))
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    e = np.subtract(x, x.max(axis=axis, keepdims=True))  # the fused attention's steps, in order
+    np.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
 # ---- linear algebra ---------------------------------------------------------------------------
 
 @_kernel("linear")
 def _linear(a: dict[str, Any]) -> np.ndarray:
-    out = _f32(a["x"]) @ _f32(a["weight"]).T
-    return out if a.get("bias") is None else out + _f32(a["bias"])
+    x, w = _f32(a["x"]), _f32(a["weight"])
+    if x.ndim < 2:
+        out = x @ w.T
+        return out if a.get("bias") is None else out + _f32(a["bias"])
+    flat = x.reshape(-1, x.shape[-1])
+    out = np.empty((flat.shape[0], w.shape[0]), np.float32)
+    _gemm_rows(flat, w.T, out, _quarter(flat.shape[0]))
+    if a.get("bias") is not None:
+        out += _f32(a["bias"])
+    return out.reshape(x.shape[:-1] + (w.shape[0],))
 
 
-@_kernel("matmul")
-def _matmul(a: dict[str, Any]) -> np.ndarray:
+def _matmul_operands(a: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     x, y = _f32(a["x"]), _f32(a["y"])
     if a.get("transpose_x", False):
         x = np.swapaxes(x, -1, -2)
     if a.get("transpose_y", False):
         y = np.swapaxes(y, -1, -2)
-    return np.matmul(x, y)
+    return x, y
+
+
+def _row_block(inner: int, cols: int) -> int:
+    """Rows of ``x`` per BLAS call of ``x @ y`` (``inner`` = x's columns, ``cols`` = y's).
+
+    BLAS rounds differently for different row counts, so plain and fused matmuls both use
+    this block: a chain cut between the ops of an attention gives the whole program's bits.
+    """
+    return max(8, _ROW_ELEMENTS // max(inner, cols, 1))
+
+
+def _quarter(rows: int) -> int:
+    """Rows per BLAS call of a big 2-d product (conv, linear): a quarter, 8-aligned, so that
+    up to four workers share it (a function of the shape alone: same bits on any machine)."""
+    return max(8, -(-rows // 32) * 8)
+
+
+def _batched(*arrays: np.ndarray) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """Return (broadcast batch shape, the arrays broadcast to it) of stacks of matrices."""
+    batch = np.broadcast_shapes(*(a.shape[:-2] for a in arrays))
+    return batch, [np.broadcast_to(a, batch + a.shape[-2:]) for a in arrays]
+
+
+@_kernel("matmul")
+def _matmul(a: dict[str, Any]) -> np.ndarray:
+    x, y = _matmul_operands(a)
+    if x.ndim < 2 or y.ndim < 2:
+        return np.matmul(x, y)
+    batch, (xb, yb) = _batched(x, y)
+    out = np.empty(batch + (x.shape[-2], y.shape[-1]), np.float32)
+    rows = _row_block(x.shape[-1], y.shape[-1])
+    _parallel(lambda idx: _gemm_rows(xb[idx], yb[idx], out[idx], rows), list(np.ndindex(batch)))
+    return out
+
+
+def _attention(first: dict[str, Any], second: dict[str, Any], round_scores: bool,
+               round_probs: bool) -> np.ndarray:
+    """``softmax(x @ y, axis=-1) @ v`` as the three ops compute it (each rounded to fp16 when
+    declared so), one block of rows at a time: the scores never exist whole."""
+    x, y = _matmul_operands(first)
+    _, v = _matmul_operands({"x": None, "y": second["y"],
+                             "transpose_y": second.get("transpose_y", False)})
+    batch, (xb, yb, vb) = _batched(x, y, v)
+    out = np.empty(batch + (x.shape[-2], v.shape[-1]), np.float32)
+    rows = _row_block(x.shape[-1], y.shape[-1])
+
+    def matrix(idx: tuple[int, ...]) -> None:
+        xm, ym, vm, om = xb[idx], yb[idx], vb[idx], out[idx]
+        scores = np.empty((min(rows, xm.shape[0]), ym.shape[-1]), np.float32)
+        for r in range(0, xm.shape[0], rows):
+            s = scores[:min(rows, xm.shape[0] - r)]
+            np.matmul(xm[r:r + rows], ym, out=s)
+            if round_scores:
+                _round_half(s)
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+            if round_probs:
+                _round_half(s, nonnegative=True)
+            np.matmul(s, vm, out=om[r:r + rows])
+
+    _parallel(matrix, list(np.ndindex(batch)))
+    return out
 
 
 @_kernel("einsum")
@@ -261,9 +420,35 @@ def _conv_pads(a: dict[str, Any], spatial: tuple[int, ...], kernel: tuple[int, .
     return pads
 
 
+def _gemm_rows(left: np.ndarray, right: np.ndarray, out: np.ndarray, rows: int) -> None:
+    """``out = left @ right`` (2-d), ``rows`` rows of ``left`` per BLAS call, on the workers."""
+    def block(r: int) -> None:
+        np.matmul(left[r:r + rows], right, out=out[r:r + rows])
+
+    _parallel(block, list(range(0, left.shape[0], rows)))
+
+
+def _im2col(part: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int],
+            dil: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Return the (C * kh * kw, oh * ow) patch matrix of the padded image ``part`` (C, H, W):
+    one strided copy per kernel offset, on the workers."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, strides, dil, size
+    patches = np.empty((part.shape[0], kh, kw, oh, ow), np.float32)
+
+    def offset(ij: tuple[int, int]) -> None:
+        i, j = ij
+        patches[:, i, j] = part[:, i * dh:i * dh + (oh - 1) * sh + 1:sh,
+                                j * dw:j * dw + (ow - 1) * sw + 1:sw]
+
+    _parallel(offset, [(i, j) for i in range(kh) for j in range(kw)])
+    return patches.reshape(-1, oh * ow)
+
+
 @_kernel("conv")
 def _conv(a: dict[str, Any]) -> np.ndarray:
-    """N-d convolution (1-d and 2-d) as im2col + matmul per group."""
+    """1-d and 2-d convolution: per image and group, the weights (O, C*k) times the im2col
+    matrix (C*k, positions), made by one strided copy per kernel offset (none for a
+    pointwise conv), in blocks of output channels on the worker threads."""
     x, w = _f32(a["x"]), _f32(a["weight"])
     nsp = x.ndim - 2
     if nsp not in (1, 2):
@@ -273,26 +458,28 @@ def _conv(a: dict[str, Any]) -> np.ndarray:
     dil = tuple(int(d) for d in (a.get("dilations") if a.get("dilations") is not None
                                  else [1] * nsp))
     groups = int(a.get("groups", 1))
-    kernel = tuple(w.shape[2:])
-    pads = _conv_pads(a, tuple(x.shape[2:]), kernel, strides, dil)
-    x = np.pad(x, [(0, 0), (0, 0)] + pads)
-    extent = tuple((k - 1) * d + 1 for k, d in zip(kernel, dil, strict=True))
-    win = sliding_window_view(x, extent, axis=tuple(range(2, x.ndim)))
-    win = win[(slice(None), slice(None))
-              + tuple(slice(None, None, s) for s in strides)
-              + tuple(slice(None, None, d) for d in dil)]
-    cin, cout = w.shape[1], w.shape[0] // groups
-    outs = []
-    for g in range(groups):
-        part = win[:, g * cin:(g + 1) * cin]
-        wg = w[g * cout:(g + 1) * cout]
-        # (N, C, *out, *k) x (O, C, *k) -> (N, *out, O)
-        outs.append(np.tensordot(part, wg, axes=([1] + list(range(2 + nsp, 2 + 2 * nsp)),
-                                                 list(range(1, 2 + nsp)))))
-    out = np.concatenate(outs, axis=-1) if groups > 1 else outs[0]
-    out = np.moveaxis(out, -1, 1)
+    pads = _conv_pads(a, tuple(x.shape[2:]), tuple(w.shape[2:]), strides, dil)
+    if nsp == 1:  # as 2-d with height 1
+        x, w = x[:, :, None], w[:, :, None]
+        strides, dil, pads = (1, *strides), (1, *dil), [(0, 0), *pads]
+    if any(p for pair in pads for p in pair):
+        x = np.pad(x, [(0, 0), (0, 0), *pads])
+    (kh, kw), (sh, sw), (dh, dw) = w.shape[2:], strides, dil
+    oh, ow = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1, (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    n_img, cin, cout = x.shape[0], w.shape[1], w.shape[0] // groups
+    weights = w.reshape(w.shape[0], -1)
+    out = np.empty((n_img, w.shape[0], oh * ow), np.float32)
+    rows = _quarter(cout)
+    for n in range(n_img):
+        for g in range(groups):
+            part = x[n, g * cin:(g + 1) * cin]
+            cols = (part.reshape(cin, oh * ow) if kh == kw == sh == sw == 1
+                    else _im2col(part, (kh, kw), (sh, sw), (dh, dw), (oh, ow)))
+            _gemm_rows(weights[g * cout:(g + 1) * cout], cols, out[n, g * cout:(g + 1) * cout],
+                       rows)
+    out = out.reshape((n_img, w.shape[0], oh, ow) if nsp == 2 else (n_img, w.shape[0], ow))
     if a.get("bias") is not None:
-        out = out + _per_channel(a["bias"], out.ndim)
+        out += _per_channel(a["bias"], out.ndim)
     return out
 
 
@@ -414,10 +601,24 @@ def _fill(a: dict[str, Any]) -> np.ndarray:
 # ---- compressed weights (coremltools.optimize.coreml) -----------------------------------------
 
 def _unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
-    """Unpack ``count`` unsigned ``nbits``-bit integers stored LSB first (Core ML's layout)."""
-    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")
-    bits = bits[: count * nbits].reshape(count, nbits).astype(np.uint16)
-    return (bits << np.arange(nbits, dtype=np.uint16)).sum(axis=1)
+    """Unpack ``count`` unsigned ``nbits``-bit integers stored LSB first (Core ML's layout).
+
+    Whole groups at once: ``nbits / gcd(nbits, 8)`` bytes hold ``8 / gcd(nbits, 8)`` indices
+    (3 bytes hold 4 six-bit ones), read as one integer and shifted out index by index.
+    """
+    group_bytes, per_group = nbits // math.gcd(nbits, 8), 8 // math.gcd(nbits, 8)
+    groups = -(-count // per_group)
+    data = np.zeros(groups * group_bytes, np.uint8)
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)[:data.size]
+    data[:packed.size] = packed
+    data = data.reshape(groups, group_bytes)
+    words = np.zeros(groups, np.uint64)
+    for j in range(group_bytes):
+        words |= data[:, j].astype(np.uint64) << np.uint64(8 * j)
+    out = np.empty((groups, per_group), np.uint16)
+    for i in range(per_group):
+        out[:, i] = (words >> np.uint64(nbits * i)) & np.uint64((1 << nbits) - 1)
+    return out.reshape(-1)[:count]
 
 
 @_kernel("constexpr_lut_to_dense")
@@ -427,7 +628,7 @@ def _lut_to_dense(a: dict[str, Any]) -> np.ndarray:
         shape = [int(s) for s in a["shape"]]
         nbits = int(np.log2(lut.shape[0]))
         count = int(np.prod(shape))
-        return lut[_unpack_bits(indices, nbits, count)].reshape(shape)
+        return _f32(lut)[_unpack_bits(indices, nbits, count)].reshape(shape)
     if lut.shape[-1] != 1:  # iOS18 vector palettization
         raise NotImplementedError("vector palettization (VECTOR_SIZE > 1)")
     # iOS18: lut (*blocks, K, 1); each block of the output has its own table.
@@ -484,6 +685,43 @@ def unsupported_ops(program: Any, function: str = MAIN) -> list[tuple[str, str]]
             if op.op_type != "const" and op.op_type not in _KERNELS]
 
 
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run numpy's OpenBLAS on one thread inside the block (restored after).
+
+    The interpreter makes thousands of small BLAS calls (row blocks of attention, per-group
+    convolutions); OpenBLAS's thread hand-off costs ~15 ms a call on a loaded machine, far more
+    than the call itself (measured: a 16x20 @ 20x4096 block takes 15 ms on two threads, 0.2 ms
+    on one). Does nothing when numpy's BLAS is not an OpenBLAS it can find.
+    """
+    setter = getter = None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            for prefix in ("scipy_openblas", "openblas"):
+                for suffix in ("64_", ""):
+                    if hasattr(lib, f"{prefix}_set_num_threads{suffix}"):
+                        setter = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+                        getter = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                        break
+                if setter:
+                    break
+            if setter:
+                break
+    except OSError:
+        setter = None
+    before = int(getter()) if setter else 0
+    if setter:
+        setter(1)
+    try:
+        yield
+    finally:
+        if setter:
+            setter(before)
+
+
 def _numpy_dtype(var: Any) -> np.dtype | None:
     from coremltools.converters.mil.mil import types
 
@@ -493,16 +731,95 @@ def _numpy_dtype(var: Any) -> np.dtype | None:
         return None
 
 
-def _last_uses(ops: list[Any], outputs: Iterable[Any]) -> dict[str, int]:
-    """Return {var name: index of the last op reading it} (len(ops) for block outputs)."""
+def _last_uses(ops: list[Any], outputs: Iterable[Any],
+               at: dict[int, int] | None = None) -> dict[str, int]:
+    """Return {var name: index of the last op reading it} (len(ops) for block outputs).
+
+    ``at`` moves the reads of an op to another index (the ops of a fused chain read their
+    inputs when the chain runs, at its last op).
+    """
     last: dict[str, int] = {}
     for i, op in enumerate(ops):
         for value in op.inputs.values():
             for var in value if isinstance(value, (list, tuple)) else (value,):
-                last[var.name] = i
+                last[var.name] = max(last.get(var.name, -1), (at or {}).get(i, i))
     for var in outputs:
         last[var.name] = len(ops)
     return last
+
+
+# Ops that only move, pick or repeat values: an fp16 result of fp16 values needs no rounding.
+_MOVES = frozenset({"reshape", "transpose", "expand_dims", "squeeze", "concat", "split",
+                    "slice_by_index", "slice_by_size", "tile", "gather", "select",
+                    "upsample_nearest_neighbor", "identity", "constexpr_lut_to_dense"})
+
+
+def _static(var: Any) -> bool:
+    return var.shape is not None and all(isinstance(d, (int, np.integer)) for d in var.shape)
+
+
+def _flag(op: Any, name: str) -> bool:
+    var = op.inputs.get(name)
+    return bool(var.val) if var is not None and var.val is not None else False
+
+
+def _attention_chains(ops: list[Any], pinned: set[str]) -> dict[int, tuple[Any, Any, Any]]:
+    """Return {index of the last op: (matmul, softmax, matmul)} for each attention that can run
+    fused: scores and probabilities read by nothing else (nor in ``pinned``), softmax over the
+    last axis, static shapes, one batch shape, and the same row block for both matmuls."""
+    index = {id(op): i for i, op in enumerate(ops)}
+    chains = {}
+    for soft in ops:
+        if soft.op_type != "softmax":
+            continue
+        scores, probs = soft.inputs["x"], soft.outputs[0]
+        first = scores.op
+        if (first is None or first.op_type != "matmul" or len(probs.child_ops) != 1
+                or len(scores.child_ops) != 1 or {scores.name, probs.name} & pinned):
+            continue
+        second = probs.child_ops[0]
+        if (second.op_type != "matmul" or second.inputs["x"] is not probs
+                or second.inputs["y"] is probs or _flag(second, "transpose_x")):
+            continue
+        axis = soft.inputs.get("axis")
+        rank = len(scores.shape)
+        if (axis is None or axis.val is None or int(axis.val) % rank != rank - 1 or rank < 2
+                or not all(_static(v) for v in (first.inputs["x"], first.inputs["y"],
+                                                second.inputs["y"], scores))):
+            continue
+        value = second.inputs["y"].shape
+        rows_v = value[-1] if not _flag(second, "transpose_y") else value[-2]
+        inner = first.inputs["x"].shape[-2 if _flag(first, "transpose_x") else -1]
+        batches = {tuple(v.shape[:-2]) for v in (first.inputs["x"], first.inputs["y"],
+                                                 second.inputs["y"], scores)}
+        if (len(batches) != 1 or len(first.inputs["x"].shape) < 2
+                or _row_block(inner, scores.shape[-1]) != _row_block(scores.shape[-1], rows_v)):
+            continue
+        chains[index[id(second)]] = (first, soft, second)
+    return chains
+
+
+def _owned(out: Any, args: dict[str, Any]) -> bool:
+    """Whether ``out`` is a new float32 array the kernel made (safe to round in place)."""
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.owndata
+            and out.flags.writeable):
+        return False
+    return not any(out is v or (isinstance(v, list) and any(out is w for w in v))
+                   for v in args.values())
+
+
+def _stored(out: Any, var: Any, op_type: str, args: dict[str, Any]) -> Any:
+    """Return ``out`` as the interpreter holds ``var``: fp16 values as exact float32."""
+    dtype = _numpy_dtype(var)
+    if dtype is None:
+        return out
+    if dtype != np.float16:
+        return np.asarray(out, dtype=dtype)
+    if op_type in _MOVES or (isinstance(out, np.ndarray) and out.dtype == np.float16):
+        return _f32(out)  # fp16 values already
+    if not _owned(out, args):
+        out = np.array(out, dtype=np.float32)
+    return _round_half(out)
 
 
 def run_program(
@@ -510,51 +827,95 @@ def run_program(
     inputs: dict[str, np.ndarray],
     function: str = MAIN,
     progress: Callable[[int, int], None] | None = None,
+    keep: Iterable[str] = (),
 ) -> dict[str, np.ndarray]:
-    """Execute ``function`` of the MIL ``program`` on ``inputs`` and return its outputs by name.
+    """Execute ``function`` of the MIL ``program`` on ``inputs`` and return its outputs by name,
+    plus the values named in ``keep`` (e.g. the boundaries of chunks), all in declared dtypes.
 
     Inputs are cast to the dtypes the program declares. Each op computes in float32 and its
     result is stored in the op's declared output dtype; values are dropped after their last use.
-    Raises UnsupportedOpsError (every unsupported op) before running anything.
+    Raises UnsupportedOpsError (every unsupported op) before running anything, ValueError for a
+    missing input or a ``keep`` name the function does not compute.
     """
     missing = unsupported_ops(program, function)
     if missing:
         raise UnsupportedOpsError("coreml-interpreter", missing)
     block = program.functions[function]
     ops = list(block.operations)
-    last = _last_uses(ops, block.outputs)
-    env: dict[str, Any] = {}
-    for name, var in block.inputs.items():
+    declared = {**{var.name: var for op in ops for var in op.outputs}, **block.inputs}
+    keep = list(dict.fromkeys(keep))
+    unknown = [name for name in keep if name not in declared]
+    if unknown:
+        raise ValueError(f"cannot keep {unknown}: no value of function '{function}' has that name")
+    for name in block.inputs:
         if name not in inputs:
             raise ValueError(f"missing input '{name}'; the program takes {list(block.inputs)}")
-        dtype = _numpy_dtype(var)
-        env[name] = np.asarray(inputs[name], dtype=dtype)
+    run = _Run(ops, [v.name for v in block.outputs], keep)
+    for name, var in block.inputs.items():
+        run.env[name] = _stored(np.asarray(inputs[name], dtype=_numpy_dtype(var)), var,
+                                "identity", {})
+    with _one_blas_thread():
+        for i, op in enumerate(ops):
+            run.step(i, op)
+            if progress is not None:
+                progress(i + 1, len(ops))
+    names = list(dict.fromkeys([var.name for var in block.outputs] + keep))
+    return {name: _declared(run.value(declared[name]), declared[name]) for name in names}
 
-    def value(var: Any) -> Any:
-        if var.name in env:
-            return env[var.name]
+
+class _Run:
+    """The values of one run: computed ones by name, each dropped after its last reader."""
+
+    def __init__(self, ops: list[Any], outputs: list[str], keep: list[str]) -> None:
+        self.chains = _attention_chains(ops, set(outputs) | set(keep))
+        index = {id(op): i for i, op in enumerate(ops)}
+        # the first two ops of a fused attention run with its last one (and read then)
+        self.fused = {index[id(op)]: end for end, chain in self.chains.items()
+                      for op in chain[:2]}
+        self.last = _last_uses(ops, (), at=self.fused)
+        self.last.update({name: len(ops) for name in [*outputs, *keep]})
+        self.env: dict[str, Any] = {}
+
+    def value(self, var: Any) -> Any:
+        if var.name in self.env:
+            return self.env[var.name]
         if var.val is not None:
             return var.val
         raise KeyError(f"value '{var.name}' used before it was computed")
 
-    for i, op in enumerate(ops):
-        if op.op_type != "const":
-            args = {k: ([value(v) for v in val] if isinstance(val, (list, tuple)) else value(val))
-                    for k, val in op.inputs.items()}
-            result = _KERNELS[op.op_type](args)
+    def arguments(self, op: Any, skip: str = "") -> dict[str, Any]:
+        return {k: ([self.value(v) for v in val] if isinstance(val, (list, tuple))
+                    else self.value(val)) for k, val in op.inputs.items() if k != skip}
+
+    def step(self, i: int, op: Any) -> None:
+        """Run op ``i`` (a fused attention at its last op), then drop what nobody reads later."""
+        if op.op_type != "const" and i not in self.fused:
+            if i in self.chains:  # x of the last matmul, the probabilities, is made in blocks
+                first, soft, _ = self.chains[i]
+                args, first_args = self.arguments(op, skip="x"), self.arguments(first)
+                result = _attention(first_args, args,
+                                    _numpy_dtype(first.outputs[0]) == np.float16,
+                                    _numpy_dtype(soft.outputs[0]) == np.float16)
+                args = {**args, **{f"first.{k}": v for k, v in first_args.items()}}
+            else:
+                args = self.arguments(op)
+                result = _KERNELS[op.op_type](args)
             results = result if isinstance(result, tuple) else (result,)
             for var, out in zip(op.outputs, results, strict=True):
-                dtype = _numpy_dtype(var)
-                if var.name in last:  # an output nobody reads is dropped at once
-                    env[var.name] = np.asarray(out, dtype=dtype) if dtype is not None else out
+                if var.name in self.last:  # an output nobody reads is dropped at once
+                    self.env[var.name] = _stored(out, var, op.op_type, args)
             del args, result, results
-        for value_in in op.inputs.values():
-            for var in value_in if isinstance(value_in, (list, tuple)) else (value_in,):
-                if last.get(var.name) == i:
-                    env.pop(var.name, None)
-        if progress is not None:
-            progress(i + 1, len(ops))
-    return {var.name: np.asarray(value(var)) for var in block.outputs}
+        for read in [op, *self.chains.get(i, ())[:2]]:
+            for value in read.inputs.values():
+                for var in value if isinstance(value, (list, tuple)) else (value,):
+                    if self.last.get(var.name) == i:
+                        self.env.pop(var.name, None)
+
+
+def _declared(value: Any, var: Any) -> np.ndarray:
+    """Return a held value in its declared dtype (fp16 values are exact: a lossless cast)."""
+    dtype = _numpy_dtype(var)
+    return np.asarray(value) if dtype is None else np.asarray(value, dtype=dtype)
 
 
 def load_program(package: str | Path) -> Any:

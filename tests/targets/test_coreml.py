@@ -111,3 +111,76 @@ def test_coreml_prediction_on_macos(skipnet: Graph, tmp_path: Path) -> None:
     manifest = _export(skipnet, tmp_path / "mac", verifier="coreml", chunks=2)
     assert manifest.verification["coreml_prediction"] == "ran"
     assert manifest.verification["passed"]
+
+
+def test_chain_check_catches_a_chunk_that_differs(skipnet: Graph, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from snapc.targets import coreml
+
+    real = coreml._write_chunks
+
+    def corrupted(*args: object, **kwargs: object):
+        chain = real(*args, **kwargs)
+        weights = args[1] / chain[-1]["file"] / "Data" / "com.apple.CoreML" / "weights"
+        blob = weights / "weight.bin"
+        data = np.fromfile(blob, np.uint8)
+        data[-64:] ^= 0x40  # flip a bit in the last fp16 weights of the last chunk
+        data.tofile(blob)
+        return chain
+
+    monkeypatch.setattr(coreml, "_write_chunks", corrupted)
+    with pytest.raises(VerificationError, match="chained chunks differ from the whole"):
+        _export(skipnet, tmp_path / "x", chunks=2, min_psnr_db=0.0)
+
+
+def test_chain_check_compares_every_boundary(skipnet: Graph, tmp_path: Path) -> None:
+    manifest = _export(skipnet, tmp_path / "b", chunks=3)
+    check = manifest.verification["chain_check"]
+    outputs = [n for c in manifest.extra["chunks"] for n in c["outputs"]]
+    assert check["equal"] and check["boundaries_compared"] == len(outputs) >= 3
+    assert manifest.extra["timings"]["chain_check_s"] >= 0
+
+
+def test_unflattened_module_shares_the_program_tensors(skipnet: Graph) -> None:
+    from snapc.targets.coreml import _unflattened
+
+    module = _unflattened(skipnet)
+    own = {t.untyped_storage().data_ptr() for t in skipnet.program.state_dict.values()}
+    held = [t for m in module.modules() for t in [*m._parameters.values(), *m._buffers.values()]
+            if t is not None]
+    inner = [m.__dict__["graph_module"] for m in module.modules() if "graph_module" in m.__dict__]
+    held += [t for g in inner for m in g.modules() for t in m._parameters.values()
+             if t is not None]
+    assert held and all(t.untyped_storage().data_ptr() in own for t in held)
+    assert "unflattened_module" not in skipnet.program.graph_module.meta
+
+
+def test_fast_overflow_check_matches_coremltools() -> None:
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    from snapc.targets.coreml import _fast_overflow_check
+
+    cases = [np.float32(3.0), np.float32(7e4), np.array([1.0, -7e4], np.float32),
+             np.array([1.0, np.inf, -3e38], np.float32), np.array([np.nan, 2.0], np.float32),
+             np.array([65504.0, -65504.0], np.float32), np.zeros((0,), np.float32),
+             np.array([[1e38, 65505.0]], np.float32)]
+    def program_adding(value: np.ndarray) -> object:
+        holder = {}
+
+        def build(x):
+            holder["op"] = mb.add(x=x, y=value).op
+            return holder["op"].outputs[0]
+
+        shape = (1,) if np.ndim(value) == 0 else value.shape
+        mb.program(input_specs=[mb.TensorSpec(shape=shape)])(build)
+        return holder["op"]
+
+    for value in cases:
+        holder = {"op": program_adding(value)}
+        expected = FP16ComputePrecision.fp16_overflow(holder["op"])
+        with _fast_overflow_check():
+            assert FP16ComputePrecision.fp16_overflow(holder["op"]) == expected, value

@@ -227,3 +227,83 @@ def test_missing_input_is_named() -> None:
 
 def test_every_case_op_is_supported() -> None:
     assert {"conv", "linear", "softmax", "constexpr_lut_to_dense"} <= set(supported_ops())
+
+
+def test_round_half_is_numpy_fp16_cast_bit_for_bit() -> None:
+    from snapc.targets.coreml_mil_interp import _f32, _round_half
+
+    bits = RNG.integers(0, 2**32, size=2_000_000, dtype=np.uint64).astype(np.uint32)
+    near = (bits & np.uint32(0x807FFFFF)) | (RNG.integers(98, 146, bits.size).astype(np.uint32)
+                                             << 23)  # exponents around fp16's range
+    ties = (near & np.uint32(0xFFFFE000)) | np.uint32(0x1000)  # exactly halfway between fp16s
+    halfway_subnormal = (np.arange(2**12) * 2.0**-25).astype(np.float32)
+    special = np.array([0.0, -0.0, 65504, 65519.99, 65520, -7e4, np.inf, -np.inf, np.nan,
+                        2**-25, 3 * 2**-25, 2**-14, -(2**-24)], np.float32)
+    for x in (bits.view(np.float32), near.view(np.float32), ties.view(np.float32),
+              halfway_subnormal, -halfway_subnormal, special):
+        with np.errstate(all="ignore"):
+            expected = x.astype(np.float16).astype(np.float32)
+        got = _round_half(x.copy())
+        same = (got.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(got)
+                                                                     & np.isnan(expected))
+        assert same.all(), x[~same][:5]
+    half = RNG.standard_normal(1000).astype(np.float16)
+    np.testing.assert_array_equal(_f32(half), half.astype(np.float32))
+
+
+def _attention_program(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[object, list[str]]:
+    names = []
+
+    def build(q, k, v):
+        q16, k16, v16 = (mb.cast(x=t, dtype="fp16") for t in (q, k, v))
+        scores = mb.matmul(x=q16, y=k16, transpose_y=True)
+        probs = mb.softmax(x=scores, axis=-1)
+        names.extend([scores.name, probs.name])
+        return mb.cast(x=mb.matmul(x=probs, y=v16), dtype="fp32")
+
+    specs = [mb.TensorSpec(shape=t.shape) for t in (q, k, v)]
+    return mb.program(input_specs=specs, opset_version=ct.target.iOS17)(build), names
+
+
+def test_fused_attention_equals_the_three_ops_bit_for_bit() -> None:
+    q, k, v = _randn(1, 2, 700, 8) * 2, _randn(1, 2, 700, 8) * 2, _randn(1, 2, 700, 8)
+    prog, (scores, probs) = _attention_program(q, k, v)
+    feeds = dict(zip(prog.functions["main"].inputs, (q, k, v), strict=True))
+    fused = run_program(prog, feeds)  # scores and probs read once: fused, in row blocks
+    plain = run_program(prog, feeds, keep=[scores, probs])  # kept: three separate ops
+    (name,) = fused
+    np.testing.assert_array_equal(fused[name], plain[name])
+    assert plain[scores].dtype == np.float16 and plain[probs].shape == (1, 2, 700, 700)
+    half = [T(t).half().float() for t in (q, k, v)]  # torch, rounding like an fp16 program
+    probs_ref = (half[0] @ half[1].transpose(-1, -2)).half().float().softmax(-1).half().float()
+    expected = (probs_ref @ half[2]).half().float()
+    np.testing.assert_allclose(plain[probs], probs_ref.half().numpy(), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(fused[name], expected.numpy(), rtol=0, atol=4e-3)
+
+
+def test_keep_returns_intermediate_values_and_rejects_unknown_names() -> None:
+    prog = mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))])(
+        lambda x: mb.relu(x=mb.add(x=x, y=1.0, name="shifted")))
+    x = _randn(2, 3)
+    out = run_program(prog, {"x": x}, keep=["shifted"])
+    np.testing.assert_allclose(out["shifted"], x + 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="cannot keep"):
+        run_program(prog, {"x": x}, keep=["nope"])
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 6, 8])
+def test_unpack_bits_matches_coremltools(nbits: int) -> None:
+    from coremltools.optimize._utils import (
+        pack_elements_into_bits,
+        restore_elements_from_packed_bits,
+    )
+
+    from snapc.targets.coreml_mil_interp import _unpack_bits
+
+    for count in (1, 7, 1001):
+        values = RNG.integers(0, 2**nbits, size=count).astype(np.uint8)
+        packed = pack_elements_into_bits(values, nbits)
+        np.testing.assert_array_equal(_unpack_bits(packed, nbits, count), values)
+        np.testing.assert_array_equal(
+            _unpack_bits(packed, nbits, count),
+            restore_elements_from_packed_bits(packed, nbits, count))

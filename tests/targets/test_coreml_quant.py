@@ -117,3 +117,26 @@ def test_applied_records_keep_their_look_up_table_and_scales() -> None:
     int8 = ops["constexpr_affine_dequantize"].inputs
     assert np.array_equal(int8["quantized_data"].val, codes.numpy())
     assert np.allclose(int8["scale"].val, records["mid.2.weight"]["scale"].numpy(), rtol=1e-3)
+
+
+def test_histogram_unique_palettizes_like_coremltools() -> None:
+    from coremltools.models.neural_network import quantization_utils as utils
+    from coremltools.optimize.coreml import _quantization_passes as passes
+
+    from snapc.targets.coreml_quant import _fp16_unique, _histogram_unique
+
+    rng = np.random.default_rng(0)
+    signed_zeros = np.concatenate([np.zeros(300), -np.zeros(200)])
+    for weight in ((rng.standard_normal(200_000) * 0.02).astype(np.float16),
+                   np.concatenate([signed_zeros, rng.standard_normal(30_000)]).astype(np.float16)):
+        values, inverse, counts = np.unique(weight, return_inverse=True, return_counts=True)
+        got = _fp16_unique(weight)
+        np.testing.assert_array_equal(got[0], values)
+        np.testing.assert_array_equal(got[1], inverse.ravel())
+        np.testing.assert_array_equal(got[2], counts)
+        expected = utils._get_kmeans_lookup_table_and_weight(6, weight)
+        with _histogram_unique():
+            lut, indices = passes._get_kmeans_lookup_table_and_weight(6, weight)
+        np.testing.assert_array_equal(lut, expected[0])
+        np.testing.assert_array_equal(indices, expected[1])
+    assert passes._get_kmeans_lookup_table_and_weight is utils._get_kmeans_lookup_table_and_weight
