@@ -21,6 +21,7 @@ Run (latency: take the heavy lock)::
 
     flock /tmp/snapc_heavy.lock python bench/costmodel_accuracy.py --write-results
     python bench/costmodel_accuracy.py --device cuda --write-results      # on the H100 box
+    python bench/costmodel_accuracy.py --device cuda --cuda-graphs --write-results
 """
 
 from __future__ import annotations
@@ -87,12 +88,13 @@ def spearman(measured: list[float], predicted: list[float]) -> float:
 
 
 def _profile(model: str, latent: int | None, device: str, repeats: int, warmup: int,
-             threads: int | None, clock: str):
+             threads: int | None, clock: str, cuda_graphs: bool = False):
     console.print(f"[bold]{model}[/]: loading and tracing")
     graph = load_graph(model, latent=latent, device=device)  # trace where it runs
     options = ProfileOptions(device=device, repeats=repeats, warmup=warmup, threads=threads,
                              clock=clock, device_name="h100" if device == "cuda" else None,
-                             min_sample_ms=GPU_SAMPLE_MS if device == "cuda" else 0.0)
+                             min_sample_ms=GPU_SAMPLE_MS if device == "cuda" else 0.0,
+                             cuda_graphs=cuda_graphs)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"
                   "/{task.total}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(model, total=1)
@@ -215,10 +217,14 @@ def _attention_share(estimate) -> float:
     return round(att / estimate.total_ms, 3)
 
 
-def _markdown(device_name: str, results: dict, machine: str) -> str:
-    lines = [f"### {device_name}: per-block prediction ({machine})", "",
-             "`python bench/costmodel_accuracy.py` (see its docstring). Each block is cut out "
-             "of the FX graph and timed alone with PyTorch eager, fp32, batch 1, in interleaved "
+def _markdown(device_name: str, results: dict, machine: str, key: str) -> str:
+    how = ("captured as a CUDA graph and timed as the GPU time (CUDA events) of back-to-back "
+           "replays, fp32, batch 1" if results.get("cuda_graphs")
+           else "timed alone with PyTorch eager, fp32, batch 1")
+    flags = " --device cuda --cuda-graphs" if results.get("cuda_graphs") else ""
+    lines = [f"### {key}: per-block prediction ({machine})", "",
+             f"`python bench/costmodel_accuracy.py{flags}` (see its docstring). Each block is "
+             f"cut out of the FX graph and {how}, in interleaved "
              "rounds (median). Calibrated = efficiencies least-squares fitted on half the "
              "blocks of each kind, scored on the other half (two folds, so every block is "
              "scored once, held out). MACs-proportional uses the median ms/MAC of the "
@@ -249,7 +255,7 @@ def _markdown(device_name: str, results: dict, machine: str) -> str:
             lines.append(f"Latency vs MACs ({model}): {parts}.")
     lines.append("")
     lines.append(f"Load: {results['load']}. Repeats: {results['repeats']} (median). "
-                 f"Tables and plots: `bench/out/costmodel_{device_name}_*`.")
+                 f"Tables and plots: `bench/out/costmodel_{key}_*`.")
     return "\n".join(lines)
 
 
@@ -302,14 +308,20 @@ def main(argv: list[str] | None = None) -> None:
                              "on a shared machine)")
     parser.add_argument("--clock", default=None, choices=["wall", "cpu"],
                         help="default: cpu (thread CPU time, 1 thread) on cpu, wall on cuda")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="cuda: time blocks as captured CUDA graphs (GPU time of replays, "
+                             "no per-op Python dispatch); results go under <device>-cudagraphs")
     parser.add_argument("--write-results", action="store_true")
     parser.add_argument("--skip-mobile", action="store_true")
     args = parser.parse_args(argv)
     # An H200 has no profile of its own: fit the Hopper (h100) profile to what it measures.
     device_name = ("h100" if args.device == "cuda"
                    else default_device_name(ProfileOptions(device=args.device)))
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
+    key = f"{device_name}-cudagraphs" if args.cuda_graphs else device_name
     OUT.mkdir(parents=True, exist_ok=True)
-    results: dict = {"device": device_name, "models": {}}
+    results: dict = {"device": device_name, "models": {}, "cuda_graphs": args.cuda_graphs}
     load_before = os.getloadavg()
     repeats_used = {}
     for model in args.models:
@@ -321,8 +333,9 @@ def main(argv: list[str] | None = None) -> None:
         repeats_used[model] = repeats
         threads = args.threads or (1 if args.device == "cpu" else None)
         clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
-        graph, table = _profile(model, latent, args.device, repeats, warmup, threads, clock)
-        stem = OUT / f"costmodel_{device_name}_{model}"
+        graph, table = _profile(model, latent, args.device, repeats, warmup, threads, clock,
+                                args.cuda_graphs)
+        stem = OUT / f"costmodel_{key}_{model}"
         table.write(f"{stem}_table.json")
         plot_block_latency(table, f"{stem}_blocks.png")
         run = held_out(table, device_name)
@@ -348,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         machine = torch.cuda.get_device_name()
     else:
         machine = load_device("local-cpu").description
-    body = _markdown(device_name, results, machine)
+    body = _markdown(device_name, results, machine, key)
     print(body)
     mobile = None
     if not args.skip_mobile:
@@ -364,9 +377,9 @@ def main(argv: list[str] | None = None) -> None:
         for key, s in res["scores"].items():
             table.add_row(key, str(s["mape_pct"]), str(s["spearman"]))
         console.print(table)
-    (OUT / f"costmodel_{device_name}.json").write_text(json.dumps(results, indent=1))
+    (OUT / f"costmodel_{key}.json").write_text(json.dumps(results, indent=1))
     if args.write_results:
-        write_section(device_name, body)
+        write_section(key, body)
         if mobile:
             write_section("mobile", mobile)
 

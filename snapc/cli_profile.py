@@ -61,6 +61,9 @@ def profile_command(
     clock: Annotated[str, typer.Option(
         help="wall, or cpu: the thread's CPU time (torch, --device cpu --threads 1; steadier "
              "on a shared machine)")] = "wall",
+    cuda_graphs: Annotated[bool, typer.Option(
+        help="torch --device cuda: time each block as a captured CUDA graph (GPU time, no "
+             "per-op Python dispatch)")] = False,
     rpc_timeout: Annotated[float, typer.Option(help="seconds to wait for the RPC server")]
     = 10.0,
     latent: Annotated[int | None, typer.Option(help="latent height/width (default: config)")]
@@ -78,7 +81,8 @@ def profile_command(
                              rpc=rpc, target=target, device_name=device_name,
                              blocks=tuple(block) if block else None, threads=threads, clock=clock,
                              rpc_timeout_s=rpc_timeout,
-                             min_sample_ms=5.0 if device == "cuda" else 0.0)
+                             min_sample_ms=5.0 if device == "cuda" else 0.0,
+                             cuda_graphs=cuda_graphs)
     try:
         timer = make_timer(options)  # fails fast: missing backend, RPC host not answering
         with err.status(f"loading and tracing {model}"):

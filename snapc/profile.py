@@ -26,7 +26,7 @@ import torch
 from snapc.cost.model import TORCH_DTYPE_NAMES, block_work, graph_dtype, graph_signature
 from snapc.cost.model import non_block_work as graph_non_block_work
 from snapc.cost.table import BlockEntry, LatencyTable, summarize
-from snapc.errors import UnknownNameError
+from snapc.errors import SnapcError, UnknownNameError
 from snapc.graph import Graph
 from snapc.profile_backends import (
     CoreMLTimer,
@@ -58,6 +58,8 @@ class ProfileOptions:
     ignores time lost to other processes). ``min_sample_ms``: each sample is the mean of as
     many back-to-back calls as fill this time (at most 100), so sub-millisecond GPU blocks are
     not dominated by the first call of a round; 0 means one call per sample.
+    ``cuda_graphs``: torch on cuda only; time each block as a captured CUDA graph (GPU time
+    of back-to-back replays, see ``TorchTimer``) instead of eager calls.
     """
 
     backend: str = "torch"
@@ -75,6 +77,7 @@ class ProfileOptions:
     threads: int | None = None
     clock: str = "wall"
     min_sample_ms: float = 0.0
+    cuda_graphs: bool = False
 
 
 @contextlib.contextmanager
@@ -105,9 +108,12 @@ def default_device_name(options: ProfileOptions) -> str:
 
 def make_timer(options: ProfileOptions) -> Timer:
     """Return the timer for ``options.backend``; raise UnknownNameError for other names."""
+    if options.cuda_graphs and options.backend != "torch":
+        raise SnapcError("--cuda-graphs needs --backend torch --device cuda")
     if options.backend == "torch":
         with _threads(options.threads):
-            return TorchTimer(options.device, options.clock)
+            return TorchTimer(options.device, options.clock, options.cuda_graphs,
+                              options.min_sample_ms)
     if options.backend == "onnxruntime":
         return OrtTimer(options.device)
     if options.backend == "tvm":
@@ -138,7 +144,7 @@ def _batched(runner: Runner, options: ProfileOptions) -> Runner:
     """Warm ``runner`` up; return it, or when one call is shorter than
     ``options.min_sample_ms`` a runner returning the mean of enough back-to-back calls."""
     time_calls(runner, options.warmup, 0)
-    if not options.min_sample_ms:
+    if not options.min_sample_ms or options.cuda_graphs:  # replays already fill a sample
         return runner
     calls = min(100, math.ceil(options.min_sample_ms / max(runner(), 1e-3)))
     if calls <= 1:
@@ -199,7 +205,8 @@ def profile_graph(graph: Graph, options: ProfileOptions = ProfileOptions(),
     meta = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "repeats": options.repeats, "warmup": options.warmup, "rounds": "interleaved",
-        "clock": options.clock,
+        "clock": "cuda-events" if options.cuda_graphs else options.clock,
+        "cuda_graphs": options.cuda_graphs,
         "threads": options.threads or torch.get_num_threads(),
         "machine": _machine(timer, options),
         "load_average_before": [round(x, 2) for x in load_before],

@@ -1,6 +1,8 @@
 """Timers that run a module on a backend and return per-repeat latencies in ms.
 
-- ``TorchTimer``: PyTorch eager on cpu or cuda (synchronised around every repeat).
+- ``TorchTimer``: PyTorch eager on cpu or cuda (synchronised around every repeat); on cuda
+  optionally captured once as a CUDA graph and timed by replays between CUDA events, so a
+  sample is GPU time without Python's per-op dispatch.
 - ``OrtTimer``: the module exported to ONNX (dynamo exporter) and run by onnxruntime.
 - ``CoreMLTimer``: the module converted with coremltools and run by Core ML ``predict`` with
   the chosen compute units; Core ML can only predict on macOS, so elsewhere it raises
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import platform
 import tempfile
 import time
@@ -29,7 +32,7 @@ from torch import nn
 from snapc.errors import SnapcError, ToolMissingError
 
 __all__ = ["Timer", "Runner", "CLOCKS", "TorchTimer", "OrtTimer", "CoreMLTimer", "time_calls",
-           "wall_clock"]
+           "wall_clock", "graph_replays"]
 
 
 Runner = Callable[[], float]
@@ -78,16 +81,25 @@ class TorchTimer:
 
     ``clock`` "wall" measures elapsed time; "cpu" measures the calling thread's CPU time,
     which is steadier on a shared machine but only complete with one torch thread on cpu.
+
+    ``cuda_graphs`` (cuda only): each module is captured once as a CUDA graph; a sample is
+    the mean GPU time (CUDA events) of enough back-to-back replays to fill ``min_sample_ms``
+    (at least one). Eager timing of small GPU blocks measures Python's per-op dispatch, which
+    hides the device's own cost and is what a deployed engine (TensorRT, CUDA graphs) avoids.
     """
 
     name = "torch"
 
-    def __init__(self, device: str = "cpu", clock: str = "wall") -> None:
+    def __init__(self, device: str = "cpu", clock: str = "wall", cuda_graphs: bool = False,
+                 min_sample_ms: float = 0.0) -> None:
         if clock not in CLOCKS:
             raise SnapcError(f"--clock must be one of {sorted(CLOCKS)}, got '{clock}'")
         if clock == "cpu" and (device != "cpu" or torch.get_num_threads() != 1):
             raise SnapcError("--clock cpu counts only the calling thread: use it with "
                              "--device cpu --threads 1")
+        if cuda_graphs and device != "cuda":
+            raise SnapcError("--cuda-graphs times CUDA graph replays: use it with "
+                             "--device cuda")
         self.clock = CLOCKS[clock]
         if device == "cuda" and not torch.cuda.is_available():
             raise ToolMissingError("--device cuda needs a CUDA build of torch and a GPU; "
@@ -95,6 +107,8 @@ class TorchTimer:
         if device not in ("cpu", "cuda"):
             raise SnapcError(f"--device must be cpu or cuda, got '{device}'")
         self.device = torch.device(device)
+        self.cuda_graphs = cuda_graphs
+        self.min_sample_ms = min_sample_ms
 
     def prepare(self, label: str, module: nn.Module,
                 inputs: tuple[torch.Tensor, ...]) -> Runner:
@@ -110,7 +124,55 @@ class TorchTimer:
             with torch.inference_mode():
                 module(*args)
 
+        if self.cuda_graphs:
+            return graph_replays(call, self.min_sample_ms)
         return wall_clock(call, sync, self.clock)
+
+
+class _GraphReplays:
+    """A runner replaying a captured CUDA graph; it owns ``call`` (the module and inputs the
+    graph reads by raw address), so that memory cannot be freed and reused under the graph."""
+
+    def __init__(self, call: Callable[[], object], graph: torch.cuda.CUDAGraph) -> None:
+        self.call, self.graph = call, graph
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+        self.replays = 1
+
+    def timed(self, replays: int) -> float:
+        """Replay ``replays`` times back to back; return the mean GPU ms per replay."""
+        self.start.record()
+        for _ in range(replays):
+            self.graph.replay()
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / replays
+
+    def __call__(self) -> float:
+        return self.timed(self.replays)
+
+
+def graph_replays(call: Callable[[], object], min_sample_ms: float = 0.0,
+                  max_replays: int = 1000) -> Runner:
+    """Capture ``call`` as a CUDA graph; return a runner that replays it back to back and
+    returns the mean GPU ms per replay between two CUDA events.
+
+    The replay count fills ``min_sample_ms`` (1 to ``max_replays``): queued replays keep the
+    GPU busy, so the CPU's submission of the first one is not counted in every replay.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    runner = _GraphReplays(call, graph)
+    one = min(runner.timed(1) for _ in range(3))
+    runner.replays = max(1, min(max_replays, math.ceil(min_sample_ms / max(one, 1e-4))))
+    return runner
 
 
 class OrtTimer:

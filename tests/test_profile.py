@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from snapc.cli_profile import profile_command
 from snapc.cost import CostModel, LatencyTable
-from snapc.errors import ToolMissingError, UnknownNameError
+from snapc.errors import SnapcError, ToolMissingError, UnknownNameError
 from snapc.profile import ProfileOptions, profile_graph
 from snapc.profile_blocks import isolate_blocks
 
@@ -102,6 +102,30 @@ def test_short_samples_average_back_to_back_calls(tiny_graph):
     profile_graph(tiny_graph, ProfileOptions(blocks=SMALL[:1], repeats=3, warmup=1),
                   timer=once)
     assert once.calls[SMALL[0]] == 1 + 3
+
+
+def test_cuda_graphs_need_torch_on_cuda(tiny_graph):
+    with pytest.raises(SnapcError, match="--cuda-graphs times CUDA graph replays"):
+        profile_graph(tiny_graph, ProfileOptions(cuda_graphs=True, blocks=SMALL[:1]))
+    with pytest.raises(SnapcError, match="--cuda-graphs needs --backend torch"):
+        profile_graph(tiny_graph, ProfileOptions(backend="onnxruntime", device="cuda",
+                                                 cuda_graphs=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_samples_are_gpu_time_of_replays():
+    from snapc.compiler import load_graph
+
+    graph = load_graph("tiny", device="cuda")
+    eager = profile_graph(graph, ProfileOptions(device="cuda", repeats=5, blocks=SMALL,
+                                                min_sample_ms=2.0))
+    graphed = profile_graph(graph, ProfileOptions(device="cuda", repeats=5, blocks=SMALL,
+                                                  min_sample_ms=2.0, cuda_graphs=True))
+    assert graphed.meta["clock"] == "cuda-events" and graphed.meta["cuda_graphs"]
+    for fast, slow in zip(graphed.blocks, eager.blocks, strict=True):
+        # tiny blocks are launch-bound: eager pays Python dispatch per op, replays do not
+        assert 0 < fast.timing.median_ms < slow.timing.median_ms
+    assert 0 < graphed.whole_model.median_ms < eager.whole_model.median_ms
 
 
 def test_profile_onnxruntime_times_the_exported_block(tiny_graph):
