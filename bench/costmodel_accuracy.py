@@ -232,10 +232,10 @@ def _markdown(device_name: str, results: dict, machine: str, key: str) -> str:
     lines.append("| model | blocks | predictor | MAPE % | Spearman |")
     lines.append("|---|---|---|---|---|")
     for model, res in results["models"].items():
-        for key, label in (("analytic", "analytic (prior efficiencies)"),
-                           ("macs", "MACs-proportional (baseline)"),
-                           ("calibrated", "calibrated, held-out (2-fold)")):
-            s = res["scores"][key]
+        for predictor, label in (("analytic", "analytic (prior efficiencies)"),
+                                 ("macs", "MACs-proportional (baseline)"),
+                                 ("calibrated", "calibrated, held-out (2-fold)")):
+            s = res["scores"][predictor]
             lines.append(f"| {model} | {len(res['run']['names'])} | {label} | "
                          f"{s['mape_pct']} | {s['spearman']} |")
     lines.append("")
