@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from snapc.cli_common import ModelArg, err, fail, out
 from snapc.errors import SnapcError
 
 if TYPE_CHECKING:
@@ -19,13 +20,6 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Optimise and compile diffusion UNets for phones.")
-# Tables are wide: keep 160 columns when output goes to a file or pipe (rich's default is 80).
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
-
-ModelArg = Annotated[str, typer.Argument(
-    help="registered name (sd15, sd21-base, tiny, shapes), a diffusers UNet folder, "
-         "or a .safetensors file with --arch")]
 ArchOpt = Annotated[str | None, typer.Option(help="architecture of a bare weights file")]
 LatentOpt = Annotated[int | None, typer.Option(help="latent height/width (default: config)")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="batch size of the traced UNet")]
@@ -58,11 +52,6 @@ class RichReporter:
     def warn(self, message: str) -> None:
         """Print a warning."""
         self.console.print(f"[yellow]warning:[/] {message}")
-
-
-def _fail(exc: SnapcError) -> None:
-    err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
-    raise typer.Exit(exc.exit_code)
 
 
 @app.command("compile")
@@ -121,7 +110,7 @@ def compile_cmd(
     search = None
     if budget is not None or budget_ms is not None:
         if device is None:
-            _fail(SnapcError("--budget/--budget-ms need --device (see `snapc cost --help`)"))
+            fail(SnapcError("--budget/--budget-ms need --device (see `snapc cost --help`)"))
         search = _search_args(device, budget, budget_ms, keep, table, calibration, eval_device,
                               space=proxy_space)
     quant = None
@@ -129,14 +118,14 @@ def compile_cmd(
         quant = {"scheme": quantize, "size_mb": size_mb, "psnr_floor_db": psnr_floor,
                  "calibration": calibration, "seed": seed}
     elif size_mb is not None or psnr_floor is not None:
-        _fail(SnapcError("--size-mb/--psnr-floor need --quantize mixed"))
+        fail(SnapcError("--size-mb/--psnr-floor need --quantize mixed"))
     coreml = {"frontend": coreml_frontend, "chunks": coreml_chunks,
               "palettize": coreml_palettize, "deployment_target": coreml_deployment_target,
               "compute_units": coreml_compute_units, "attention": coreml_attention,
               "verifier": coreml_verifier}
     given = [f"--coreml-{k.replace('_', '-')}" for k, v in coreml.items() if v is not None]
     if given and not target.startswith("coreml"):
-        _fail(SnapcError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
+        fail(SnapcError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
                          f"only to the coreml targets (coreml, coreml-palette6), not --target "
                          f"{target}"))
     options = CompileOptions(model=model, target=target, out=output, arch=arch,
@@ -148,7 +137,7 @@ def compile_cmd(
         with RichReporter(err) as reporter:
             result = compile_model(options, reporter=reporter)
     except SnapcError as exc:
-        _fail(exc)
+        fail(exc)
     manifest = result.manifest
     table = Table(title=f"snapc compile {model} → {target}", show_header=False)
     table.add_row("artifact", str(output))
@@ -249,7 +238,7 @@ def search(
             result = SearchBlocks(**args).run(graph, PassContext(
                 options={"progress": reporter.stage}))
     except SnapcError as exc:
-        _fail(exc)
+        fail(exc)
     record = result.info["search"]
     output.write_text(json.dumps(record, indent=2) + "\n")
     chart = plot_front(record, output.with_suffix(".png"))
@@ -276,7 +265,7 @@ def inspect(
         graph = load_graph(model, arch=arch, batch=batch, latent=latent,
                            device="meta" if random_named and arch is None else "cpu")
     except SnapcError as exc:
-        _fail(exc)
+        fail(exc)
     report = block_report(graph)
     if graph.source.random_weights:
         err.print(f"[yellow]warning:[/] {random_weights_warning(graph.source.name)}")

@@ -13,30 +13,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from snapc.cli_common import ModelArg, err, fail, out, show_warnings
 from snapc.errors import SnapcError
 
 __all__ = ["profile_command", "cost_command"]
-
-out = Console()
-err = Console(stderr=True)
-
-ModelArg = Annotated[str, typer.Argument(
-    help="registered name (sd15, sd21-base, tiny, shapes), a diffusers UNet folder, "
-         "or a .safetensors file with --arch")]
-
-
-def _fail(exc: SnapcError) -> None:
-    err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
-    raise typer.Exit(exc.exit_code)
-
-
-def _show_warnings(caught: list[warnings.WarningMessage]) -> None:
-    for item in caught:
-        err.print(f"[yellow]warning:[/] {item.message}", soft_wrap=True, highlight=False)
 
 
 def profile_command(
@@ -99,7 +82,7 @@ def profile_command(
 
             table = profile_graph(graph, options, progress, timer=timer)
     except SnapcError as exc:
-        _fail(exc)
+        fail(exc)
     table.write(output)
     chart = plot_block_latency(table, output.with_suffix(".png"))
     view = Table(title=f"snapc profile {model} ({table.backend}, {table.device})")
@@ -143,9 +126,9 @@ def cost_command(
                                device="meta" if meta else "cpu")
             estimate = cost.estimate_graph(graph)
             savings = {b.name: cost.saving_ms(graph, b) for b in graph.blocks}
-        _show_warnings(caught)
+        show_warnings(caught)
     except SnapcError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         data = estimate.to_json()
         data["saving_ms"] = savings

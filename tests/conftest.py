@@ -5,9 +5,18 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from snapc.compiler import load_graph
 from snapc.graph import Graph
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker an equal share of the cores: torch's default of
+    one thread per core in every worker oversubscribes the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

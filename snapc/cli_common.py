@@ -1,0 +1,34 @@
+"""What every `snapc` command shares: the consoles, the MODEL argument and one-line errors."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from snapc.errors import SnapcError
+
+__all__ = ["out", "err", "ModelArg", "fail", "show_warnings"]
+
+# Tables are wide: keep 160 columns when output goes to a file or pipe (rich's default is 80).
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+ModelArg = Annotated[str, typer.Argument(
+    help="registered name (sd15, sd21-base, tiny, shapes), a diffusers UNet folder, "
+         "or a .safetensors file with --arch")]
+
+
+def fail(exc: SnapcError) -> NoReturn:
+    """Print ``exc`` as one `error:` line on stderr and exit with its code (2 by default)."""
+    err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def show_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Print each caught warning as one `warning:` line on stderr."""
+    for item in caught:
+        err.print(f"[yellow]warning:[/] {item.message}", soft_wrap=True, highlight=False)
