@@ -126,8 +126,8 @@ def compile_cmd(
     given = [f"--coreml-{k.replace('_', '-')}" for k, v in coreml.items() if v is not None]
     if given and not target.startswith("coreml"):
         fail(SnapcError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
-                         f"only to the coreml targets (coreml, coreml-palette6), not --target "
-                         f"{target}"))
+                        f"only to the coreml targets (coreml, coreml-palette6), not --target "
+                        f"{target}"))
     options = CompileOptions(model=model, target=target, out=output, arch=arch,
                              remove=tuple(remove or ()), latent=latent, batch=batch,
                              force=force, seed=seed, search=search, fusions=fusions,
