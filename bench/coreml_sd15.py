@@ -153,7 +153,7 @@ def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def _section(results: dict[str, dict[str, Any]], model: str, attention: str) -> str:
-    plain = results["plain"]["process_wall_s"]
+    plain = results["plain"]["process_wall_s"] if "plain" in results else None
     lines = [SECTION, "",
              f"`python bench/coreml_sd15.py --write-results` ({time.strftime('%Y-%m-%d')}); "
              f"machine: {platform.machine()} Linux, {os.cpu_count()} cores shared with other "
@@ -171,8 +171,9 @@ def _section(results: dict[str, dict[str, Any]], model: str, attention: str) -> 
             "UNet.mlpackage")
         psnr = f"{ver['psnr_db']:.1f}" if ver else "not verified"
         load = "/".join(f"{v:.1f}" for v in r.get("load_average", [])) or "-"
+        versus = f"{r['process_wall_s'] / plain:.2f}x" if plain else "-"
         lines.append(
-            f"| {name} | {r['process_wall_s']:.0f} | {r['process_wall_s'] / plain:.2f}x "
+            f"| {name} | {r['process_wall_s']:.0f} | {versus} "
             f"| {r['peak_rss_gb']:.1f} | {load} | {packages} | {psnr} "
             f"| {('yes' if chain.get('equal') else 'NO') if chain.get('ran') else '-'} |")
     lines += ["", "snapc stage timings (s):", ""]
@@ -181,7 +182,7 @@ def _section(results: dict[str, dict[str, Any]], model: str, attention: str) -> 
             lines.append(f"- {name}: compile {json.dumps(r['compile_timings'])}; "
                          f"target {json.dumps(r['timings'])}; ANE report "
                          f"{json.dumps(r['ane_report'])}")
-    if "snapc" in results:
+    if "snapc" in results and plain:
         snapc = results["snapc"]
         ratio = snapc["process_wall_s"] / plain
         peak_gb = snapc["peak_rss_gb"] * 2**30 / 1e9
@@ -236,8 +237,9 @@ def main() -> None:
         console.print(f"{variant}: {r['process_wall_s']:.0f} s, peak RSS "
                       f"{r['peak_rss_gb']:.1f} GB, PSNR "
                       f"{r.get('verification', {}).get('psnr_db', float('nan')):.1f} dB")
-    (OUT / f"coreml_{args.model}.json").write_text(json.dumps(results, indent=2))
-    _plot(results, OUT / f"coreml_{args.model}.png")
+    stem = f"coreml_{args.model}" + ("" if args.attention == "original" else f"_{args.attention}")
+    (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    _plot(results, OUT / f"{stem}.png")
     text = _section(results, args.model, args.attention)
     console.print(text)
     if args.write_results:

@@ -492,7 +492,11 @@ def export(
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(graph.input_names,
                                                          graph.example_inputs, strict=True)}
     passes = pipeline(options)
-    legal = Pipeline(passes).run(source, PassContext(check=True)) if passes else None
+    legal = None
+    if passes:
+        progress(f"Neural Engine attention layout ({len(passes)} passes, each verified)")
+        legal = timed("legalize_s", lambda: Pipeline(passes).run(source,
+                                                                 PassContext(check=True)))
     target_graph = legal.graph if legal else source
     progress(f"converting with coremltools ({options.frontend} frontend)")
     traced: list[torch.Tensor] = []
