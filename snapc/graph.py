@@ -130,6 +130,14 @@ class Graph:
         with torch.no_grad():
             return self.module()(*(inputs or self.example_inputs))
 
+    @cached_property
+    def example_output(self) -> torch.Tensor:
+        """Return the output on the example inputs, computed once per graph (a Graph is never
+        edited: passes return new ones), so checks and verifications of one pass and the next
+        share one forward run."""
+        out = self.run()
+        return out[0] if isinstance(out, (tuple, list)) else out
+
     def with_program(
         self, program: torch.export.ExportedProgram, removed: tuple[str, ...] | None = None
     ) -> Graph:
@@ -211,7 +219,7 @@ class Graph:
         expected = self.output_shape()
         if not run or any(t.device.type == "meta" for t in self.example_inputs):
             return
-        out = self.run()
+        out = self.example_output
         if tuple(out.shape) != expected:
             raise GraphInvalidError(f"output shape {tuple(out.shape)} != recorded {expected}")
         if not torch.isfinite(out).all():
