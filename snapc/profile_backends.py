@@ -125,7 +125,12 @@ class TorchTimer:
                 module(*args)
 
         if self.cuda_graphs:
-            return graph_replays(call, self.min_sample_ms)
+            try:
+                return graph_replays(call, self.min_sample_ms)
+            except RuntimeError as exc:  # an op that syncs with the host cannot be captured
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SnapcError(f"{label} cannot be captured as a CUDA graph ({first}); "
+                                 "profile it without --cuda-graphs") from exc
         return wall_clock(call, sync, self.clock)
 
 

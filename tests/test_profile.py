@@ -112,6 +112,22 @@ def test_cuda_graphs_need_torch_on_cuda(tiny_graph):
                                                  cuda_graphs=True))
 
 
+def test_a_block_that_cannot_be_captured_is_a_one_line_error(monkeypatch):
+    import snapc.profile_backends as backends
+
+    def refuse(call, min_sample_ms=0.0):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(backends, "graph_replays", refuse)
+    timer = backends.TorchTimer.__new__(backends.TorchTimer)  # no GPU here: skip the checks
+    timer.device, timer.clock = torch.device("cpu"), time.perf_counter
+    timer.cuda_graphs, timer.min_sample_ms = True, 5.0
+    with pytest.raises(SnapcError, match=r"^mid_block.attentions.0 cannot be captured as a CUDA "
+                       r"graph \(operation not permitted when stream is capturing\); profile "
+                       r"it without --cuda-graphs$"):
+        timer.prepare("mid_block.attentions.0", torch.nn.Identity(), (torch.ones(1),))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_samples_are_gpu_time_of_replays():
     from snapc.compiler import load_graph
