@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15")
     parser.add_argument("--latent", type=int, default=64)
-    parser.add_argument("--blocks", nargs="+", default=list(DEFAULT_BLOCKS))
+    parser.add_argument("--blocks", nargs="+", default=list(DEFAULT_BLOCKS),
+                        help="block names, or 'all'")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--top", type=int, default=12, help="kernels printed per block")
     args = parser.parse_args(argv)
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
               "model": args.model, "latent": args.latent, "blocks": {}}
     print(f"{report['gpu']}, torch {report['torch']}, {args.model} at {args.latent}x"
           f"{args.latent}, fp32, batch 1")
-    for item in isolate_blocks(graph, args.blocks):
+    names = [b.name for b in graph.blocks] if args.blocks == ["all"] else args.blocks
+    for item in isolate_blocks(graph, names):
         inputs = tuple(t.cuda() for t in item.inputs)
         kernels = kernel_times(item.module, inputs, args.calls)
         total = sum(us for _, us in kernels.values())
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, (count, us) in list(kernels.items())[:args.top]:
             print(f"   {us:8.1f} us  x{count:4.1f}  {name[:100]}")
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"gpu_kernel_trace_{args.model}.json"
+    path = OUT / f"gpu_kernel_trace_{args.model}{'_all' if args.blocks == ['all'] else ''}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
 

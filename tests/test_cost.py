@@ -111,6 +111,48 @@ def test_unfused_attention_at_64x64_is_memory_bound_on_phones():
     assert node_seconds(work, adreno, "fp16") > node_seconds(work, fused, "fp16")
 
 
+def test_fused_attention_pays_for_idle_compute_units_on_the_h100():
+    h100 = load_device("h100")  # 132 SMs, 64 query rows per fp32 tile
+    small, large = node_work(_sdpa_node(64), "fp32"), node_work(_sdpa_node(1024), "fp32")
+    assert small.rows == 8 * 64 and large.rows == 8 * 1024
+    flat = dataclasses.replace(h100, compute_units=0)
+
+    def per_flop(work, device):
+        line = roofline(work, device, "fp32")
+        return line.base_s / work.flops
+
+    # 8x8 latent: 8 tiles on 132 SMs -> 16.5x its roofline; 32x32: 128 tiles -> 1.03x
+    assert per_flop(small, h100) == pytest.approx(per_flop(small, flat) * 132 / 8)
+    assert per_flop(large, h100) == pytest.approx(per_flop(large, flat) * 132 / 128)
+    # 264 tiles: exactly two full waves, no loss; 265: a third, nearly empty wave
+    full, ragged = node_work(_sdpa_node(2112), "fp32"), node_work(_sdpa_node(2120), "fp32")
+    assert per_flop(full, h100) == pytest.approx(per_flop(full, flat))
+    assert per_flop(ragged, h100) == pytest.approx(per_flop(ragged, flat) * 3 * 132 / 265)
+    # the fp16 kernel (FlashAttention-2) takes 128-row tiles; unfused attention is not tiled
+    assert roofline(small, h100, "fp16").base_s == pytest.approx(
+        roofline(small, flat, "fp16").base_s * 132 / 4)
+    unfused = dataclasses.replace(h100, fused_attention=False)
+    assert roofline(small, unfused, "fp32") == roofline(
+        small, dataclasses.replace(unfused, compute_units=0), "fp32")
+
+
+def test_compute_unit_fields_are_validated(tmp_path):
+    base = ('memory_gbps = 10\n{extra}[peak_tflops]\nfp32 = 1\n[efficiency]\n'
+            + "".join(f"{c} = 0.5\n" for c in OP_CLASSES) + "{table}")
+    path = tmp_path / "gpu.toml"
+    path.write_text(base.format(extra="compute_units = 4\n",
+                                table="[attention_query_tile]\nfp16 = 128\n"))
+    device = load_device(path)
+    assert device.compute_units == 4 and device.attention_query_tile == {"fp16": 128}
+    assert load_device(path).to_json()["attention_query_tile"] == {"fp16": 128}
+    path.write_text(base.format(extra="compute_units = -1\n", table=""))
+    with pytest.raises(DeviceError, match="'compute_units' must be a whole number"):
+        load_device(path)
+    path.write_text(base.format(extra="", table="[attention_query_tile]\nfp64 = 64\n"))
+    with pytest.raises(DeviceError, match="unknown dtype.*attention_query_tile"):
+        load_device(path)
+
+
 def test_estimates_are_pure_and_sum_up(tiny_graph):
     before = (len(tiny_graph.fx.nodes), tiny_graph.program.graph_module.code)
     model = CostModel("adreno740", dtype="fp16")

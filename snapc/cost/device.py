@@ -39,8 +39,11 @@ class DeviceProfile:
     cost of a view op (reshape, permute) in eager runtimes. ``small_gemm_rows`` maps conv
     and matmul to the GEMM row count M at which that class reaches half its efficiency
     (efficiency x M / (M + m); absent or 0: no size effect); it is fitted from measured
-    tables, as small-spatial convs on CPUs and GPUs fall well below large ones. ``fit``
-    records how the efficiencies were fitted (None for priors).
+    tables, as small-spatial convs on CPUs and GPUs fall well below large ones.
+    ``compute_units`` (SMs on an NVIDIA GPU) and ``attention_query_tile`` (query rows per
+    thread block of the fused attention kernel, per dtype) let the roofline charge a fused
+    attention for compute units left idle (see ``roofline.py``; 0 or absent: not modelled).
+    ``fit`` records how the efficiencies were fitted (None for priors).
     """
 
     name: str
@@ -53,6 +56,8 @@ class DeviceProfile:
     fuses_elementwise: bool = False
     view_us: float = 0.0
     small_gemm_rows: Mapping[str, float] = field(default_factory=dict)
+    compute_units: int = 0
+    attention_query_tile: Mapping[str, int] = field(default_factory=dict)
     source: str = ""
     fit: Mapping[str, Any] | None = field(default=None, compare=False)
 
@@ -80,6 +85,7 @@ class DeviceProfile:
         data["peak_tflops"] = dict(self.peak_tflops)
         data["efficiency"] = dict(self.efficiency)
         data["small_gemm_rows"] = dict(self.small_gemm_rows)
+        data["attention_query_tile"] = dict(self.attention_query_tile)
         return data
 
 
@@ -104,6 +110,27 @@ def _positive(data: Mapping[str, Any], key: str, where: str) -> float:
         raise DeviceError(f"{where}: '{key}' must be a positive number, got {value!r}; "
                           "fix the device profile")
     return float(value)
+
+
+def _count(data: Mapping[str, Any], key: str, where: str) -> int:
+    value = data.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise DeviceError(f"{where}: '{key}' must be a whole number >= 0, got {value!r}; "
+                          "fix the device profile")
+    return value
+
+
+def _tiles(value: object, where: str) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise DeviceError(f"{where}: 'attention_query_tile' must be a table of dtype = rows, "
+                          f"got {value!r}; fix the device profile")
+    unknown = sorted(set(value) - set(DTYPE_BYTES))
+    if unknown:
+        raise DeviceError(f"{where}: unknown dtype(s) {unknown} in attention_query_tile; "
+                          f"use {sorted(DTYPE_BYTES)}")
+    return {str(k): _count(value, k, where) for k in value}
 
 
 def profile_from_dict(data: Mapping[str, Any], where: str) -> DeviceProfile:
@@ -136,6 +163,8 @@ def profile_from_dict(data: Mapping[str, Any], where: str) -> DeviceProfile:
         view_us=float(data.get("view_us", 0.0)),
         small_gemm_rows={str(k): float(v) for k, v in
                          dict(data.get("small_gemm_rows") or {}).items()},
+        compute_units=_count(data, "compute_units", where),
+        attention_query_tile=_tiles(data.get("attention_query_tile"), where),
         source=where,
         fit=data.get("fit"),
     )

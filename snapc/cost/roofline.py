@@ -3,16 +3,24 @@
 Views cost only the device's per-op dispatch overhead ``view_us`` (eager runtimes run them as
 ATen calls; compiled runtimes, ``fuses_elementwise``, drop them).
 
+A fused attention kernel (FlashAttention, PyTorch's memory-efficient kernel) gives each
+block of ``attention_query_tile`` query rows (per batch and head) to one compute unit (an SM);
+when there are fewer such tiles than the device has units, or the last wave is partial, the
+idle units' share is lost: the roofline time is scaled by ``waves x units / tiles``. At
+SD-1.5's 8x8 and 16x16 resolutions that is what makes attention far slower per FLOP than at
+32x32 on an H100 (kernel traces in ``bench/RESULTS.md``).
+
 Shared by the estimator (``model.py``) and the least-squares fit (``fit.py``), which needs the
 same per-class base times as its features.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from snapc.cost.device import DeviceProfile
-from snapc.cost.work import DTYPE_BYTES, VIEW, NodeWork
+from snapc.cost.work import ATTENTION, DTYPE_BYTES, VIEW, NodeWork
 
 __all__ = ["Roofline", "roofline", "node_seconds"]
 
@@ -52,8 +60,22 @@ def roofline(work: NodeWork, device: DeviceProfile, dtype: str) -> Roofline | No
     if work.attention_scores and not device.fused_attention:
         nbytes += _SCORE_PASSES * work.attention_scores * DTYPE_BYTES[dtype]
         launches = _UNFUSED_ATTENTION_LAUNCHES
-    return Roofline(work.op_class, work.flops / device.peak_flops(work.compute or dtype),
-                    nbytes / device.bandwidth(), launches)
+    waves = _attention_wave_factor(work, device, dtype)
+    return Roofline(work.op_class, waves * work.flops / device.peak_flops(work.compute or dtype),
+                    waves * nbytes / device.bandwidth(), launches)
+
+
+def _attention_wave_factor(work: NodeWork, device: DeviceProfile, dtype: str) -> float:
+    """Return how much slower than its roofline a fused attention runs because its query
+    tiles do not fill the device's compute units evenly (1.0 when the profile gives no units
+    or tile, for other ops, and for attention that is not fused)."""
+    tile = device.attention_query_tile.get(dtype, 0)
+    units = device.compute_units
+    if work.op_class != ATTENTION or not (work.rows and tile and units) \
+            or not device.fused_attention:
+        return 1.0
+    tiles = math.ceil(work.rows / tile)
+    return math.ceil(tiles / units) * units / tiles
 
 
 def node_seconds(work: NodeWork, device: DeviceProfile, dtype: str) -> float:

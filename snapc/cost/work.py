@@ -61,8 +61,10 @@ class NodeWork:
     ``fusable`` marks element-wise epilogues (add, mul, activations) that a compiling runtime
     folds into the producing kernel; ``attention_scores`` is the element count of the score
     matrix a non-fused attention materialises (0 for other ops); ``rows`` is the M of a conv
-    or linear as a GEMM (output pixels or tokens, batch included; 0 for other ops): small
-    GEMMs reach a lower fraction of peak, which the fitted cost model learns per device.
+    or linear as a GEMM (output pixels or tokens, batch included): small GEMMs reach a lower
+    fraction of peak, which the fitted cost model learns per device. For an attention it is
+    the query rows (batch x heads x query tokens) that a fused kernel spreads over the
+    device's compute units; 0 for other ops.
     ``compute`` overrides the compute dtype of this node (int8 for a w8a8 layer; "" keeps the
     model's).
     """
@@ -223,7 +225,7 @@ def node_work(node: fx.Node, dtype: str | None = None,
 
 def _gemm_rows(output: torch.Tensor, op_class: str) -> int:
     """Return M of the op as a GEMM: batch x output pixels for a conv (NCHW), every leading
-    dimension for a linear or matmul; 0 for attention (fitted without a size term)."""
+    dimension for a linear or matmul; 0 for attention matmuls outside a fused kernel."""
     shape = [int(d) for d in output.shape]
     if op_class == CONV and len(shape) >= 3:
         return shape[0] * math.prod(shape[2:])
@@ -233,9 +235,12 @@ def _gemm_rows(output: torch.Tensor, op_class: str) -> int:
 
 
 def _attention_work(node: fx.Node, inputs: list[torch.Tensor], io_bytes: int) -> NodeWork:
-    """Fused-attention work plus the score-matrix size a non-fused kernel materialises."""
+    """Fused-attention work, its query rows and the score-matrix size a non-fused kernel
+    materialises."""
     counted = node_macs(node)
     query, key = inputs[0], inputs[1]
-    scores = math.prod(int(d) for d in query.shape[:-1]) * int(key.shape[-2])
+    rows = math.prod(int(d) for d in query.shape[:-1])
+    scores = rows * int(key.shape[-2])
     flops = 2.0 * (counted.macs if counted else 0) + 5.0 * scores
-    return NodeWork(ATTENTION, flops, float(io_bytes), launches=1, attention_scores=float(scores))
+    return NodeWork(ATTENTION, flops, float(io_bytes), launches=1, attention_scores=float(scores),
+                    rows=rows)
