@@ -6,10 +6,7 @@ PyTorch on this machine (``snapc.profile``), then predicted three ways:
 - analytic: the roofline with the device profile's prior efficiencies;
 - MACs-proportional: ``ms = k x MACs`` with ``k`` = median ms/MAC of the calibration half
   (the baseline SnapFusion's users found wrong);
-- calibrated: efficiencies least-squares fitted (``snapc.cost.fitting``) on half of the blocks;
-- with ``--ops`` also "calibrated with op timings": the same fit given, besides the half's
-  block totals, every distinct op shape occurring in that half timed alone (from the same
-  profile run, so the two calibrated rows differ only in what the fit sees).
+- calibrated: efficiencies least-squares fitted (``snapc.cost.fitting``) on half of the blocks.
 
 Calibration is two-fold: within each kind (ResNet, transformer) blocks alternate between
 halves in graph order; each half is predicted by the model fitted on the other, so every block
@@ -96,13 +93,13 @@ def spearman(measured: list[float], predicted: list[float]) -> float:
 
 
 def _profile(model: str, latent: int | None, device: str, repeats: int, warmup: int,
-             threads: int | None, clock: str, cuda_graphs: bool = False, ops: bool = False):
+             threads: int | None, clock: str, cuda_graphs: bool = False):
     console.print(f"[bold]{model}[/]: loading and tracing")
     graph = load_graph(model, latent=latent, device=device)  # trace where it runs
     options = ProfileOptions(device=device, repeats=repeats, warmup=warmup, threads=threads,
                              clock=clock, device_name="h100" if device == "cuda" else None,
                              min_sample_ms=GPU_SAMPLE_MS if device == "cuda" else 0.0,
-                             cuda_graphs=cuda_graphs, ops=ops)
+                             cuda_graphs=cuda_graphs)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"
                   "/{task.total}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(model, total=1)
@@ -115,10 +112,8 @@ def _profile(model: str, latent: int | None, device: str, repeats: int, warmup: 
 
 
 def held_out(table: LatencyTable, device_name: str) -> dict:
-    """Return measured and predicted ms per block for the predictors (two-fold).
+    """Return measured and predicted ms per block for the three predictors (two-fold).
 
-    ``calibrated`` fits the calibration half's block totals only; when the table has op
-    entries (``--ops``), ``calibrated_ops`` also fits the ops that occur in that half.
     Uses only the table (its stored node work), so a table from another machine can be
     scored again offline.
     """
@@ -135,29 +130,21 @@ def held_out(table: LatencyTable, device_name: str) -> dict:
         of_kind = [n for n in names if entries[n].signature["kind"] == kind]
         folds[0] += of_kind[0::2]
         folds[1] += of_kind[1::2]
-    variants = {"calibrated": dataclasses.replace(table, ops=())}
-    if table.ops:
-        variants["calibrated_ops"] = table
     run: dict = {"names": names, "measured": measured, "analytic": analytic, "macs": {},
-                 **{key: {} for key in variants}, "fits": []}
+                 "calibrated": {}, "fits": []}
     for train, test in (folds, folds[::-1]):
         scale = statistics.median(measured[n] / macs[n] for n in train)
-        for n in test:
-            run["macs"][n] = scale * macs[n]
-        for key, source in variants.items():
-            fitted = fit(device, source, names=train)
-            run["fits"].append({"predictor": key, **_fit_summary(fitted)})
-            model = CostModel(fitted)
-            for n in test:
-                run[key][n] = model.estimate_work(list(entries[n].work), dtype)
-    return run
-
-
-def _fit_summary(fitted) -> dict:
-    return {"efficiency": {k: round(v, 4) for k, v in fitted.efficiency.items()},
+        fitted = fit(device, table, names=train)
+        run["fits"].append({
+            "efficiency": {k: round(v, 4) for k, v in fitted.efficiency.items()},
             "launch_us": round(fitted.launch_us, 2), "view_us": round(fitted.view_us, 2),
             "small_gemm_rows": {k: round(v, 1) for k, v in fitted.small_gemm_rows.items()},
-            **fitted.fit}
+            **fitted.fit})
+        model = CostModel(fitted)
+        for n in test:
+            run["macs"][n] = scale * macs[n]
+            run["calibrated"][n] = model.estimate_work(list(entries[n].work), dtype)
+    return run
 
 
 def retest_scores(first: LatencyTable, second: LatencyTable) -> dict:
@@ -176,9 +163,7 @@ def scores(run: dict) -> dict:
     names = run["names"]
     measured = [run["measured"][n] for n in names]
     out = {}
-    for key in ("analytic", "macs", "calibrated", "calibrated_ops"):
-        if key not in run:
-            continue
+    for key in ("analytic", "macs", "calibrated"):
         predicted = [run[key][n] for n in names]
         out[key] = {"mape_pct": round(mape(measured, predicted), 1),
                     "spearman": round(spearman(measured, predicted), 3)}
@@ -253,7 +238,6 @@ def _markdown(device_name: str, results: dict, machine: str, key: str) -> str:
            else "timed alone with PyTorch eager, fp32, batch 1")
     flags = " --device cuda" if results["device"] != "local-cpu" else ""
     flags += " --cuda-graphs" if results.get("cuda_graphs") else ""
-    flags += " --ops" if results.get("ops") else ""
     flags += " --retest" if results.get("retest") else ""
     lines = [f"### {key}: per-block prediction ({machine})", "",
              f"`python bench/costmodel_accuracy.py{flags}` (see its docstring). Each block is "
@@ -262,22 +246,16 @@ def _markdown(device_name: str, results: dict, machine: str, key: str) -> str:
              "blocks of each kind, scored on the other half (two folds, so every block is "
              "scored once, held out). MACs-proportional uses the median ms/MAC of the "
              "calibration half." + (
-                 " With op timings: the same fit also given every distinct op shape of the "
-                 "calibration half timed alone (same run)." if results.get("ops") else "")
-             + (" Measurement repeatability: a second profile of the model from scratch, "
-                "scored against the first like a predictor; no predictor can be expected to "
-                "rank blocks better than the measurement repeats." if results.get("retest")
-                else ""), ""]
+                 " Measurement repeatability: a second profile of the model from scratch, "
+                 "scored against the first like a predictor; no predictor can be expected to "
+                 "rank blocks better than the measurement repeats." if results.get("retest")
+                 else ""), ""]
     lines.append("| model | blocks | predictor | MAPE % | Spearman |")
     lines.append("|---|---|---|---|---|")
     for model, res in results["models"].items():
         for predictor, label in (("analytic", "analytic (prior efficiencies)"),
                                  ("macs", "MACs-proportional (baseline)"),
-                                 ("calibrated", "calibrated, held-out (2-fold)"),
-                                 ("calibrated_ops", "calibrated with op timings, held-out "
-                                                    "(2-fold)")):
-            if predictor not in res["scores"]:
-                continue
+                                 ("calibrated", "calibrated, held-out (2-fold)")):
             s = res["scores"][predictor]
             lines.append(f"| {model} | {len(res['run']['names'])} | {label} | "
                          f"{s['mape_pct']} | {s['spearman']} |")
@@ -359,9 +337,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="cuda: time blocks as captured CUDA graphs (GPU time of replays, "
                              "no per-op Python dispatch); results go under <device>-cudagraphs")
-    parser.add_argument("--ops", action="store_true",
-                        help="also time every distinct op shape alone (snapc profile --ops); "
-                             "the calibrated fit uses the ops of its calibration half")
     parser.add_argument("--retest", action="store_true",
                         help="profile every model twice from scratch and report how well "
                              "the second measurement matches the first")
@@ -376,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     key = f"{device_name}-cudagraphs" if args.cuda_graphs else device_name
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict = {"device": device_name, "models": {}, "cuda_graphs": args.cuda_graphs,
-                     "ops": args.ops, "retest": args.retest}
+                     "retest": args.retest}
     load_before = os.getloadavg()
     repeats_used = {}
     for model in args.models:
@@ -389,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         threads = args.threads or (1 if args.device == "cpu" else None)
         clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
         graph, table = _profile(model, latent, args.device, repeats, warmup, threads, clock,
-                                args.cuda_graphs, args.ops)
+                                args.cuda_graphs)
         stem = OUT / f"costmodel_{key}_{model}"
         table.write(f"{stem}_table.json")
         plot_block_latency(table, f"{stem}_blocks.png")
@@ -397,14 +372,14 @@ def main(argv: list[str] | None = None) -> None:
         names = run["names"]
         plot_predicted_vs_measured(
             {k: ([run["measured"][n] for n in names], [run[k][n] for n in names])
-             for k in ("analytic", "macs", "calibrated", "calibrated_ops") if k in run},
+             for k in ("analytic", "macs", "calibrated")},
             f"{stem}_scatter.png", f"{model} blocks on {device_name}: predicted vs measured")
         results["models"][model] = {"scores": scores(run), "whole": _whole(graph, table,
                                     device_name), "mismatch": _mismatch(table), "run": run}
         del graph
         if args.retest:
             again = _profile(model, latent, args.device, repeats, warmup, threads, clock,
-                             args.cuda_graphs, args.ops)[1]
+                             args.cuda_graphs)[1]
             again.write(f"{stem}_retest_table.json")
             results["models"][model]["retest"] = retest_scores(table, again)
     load_after = os.getloadavg()

@@ -47,9 +47,6 @@ def profile_command(
     cuda_graphs: Annotated[bool, typer.Option(
         help="torch --device cuda: time each block as a captured CUDA graph (GPU time, no "
              "per-op Python dispatch)")] = False,
-    ops: Annotated[bool, typer.Option(
-        help="also time every distinct op shape of the blocks alone: the cost model's fit "
-             "gets one equation per op class and size")] = False,
     rpc_timeout: Annotated[float, typer.Option(help="seconds to wait for the RPC server")]
     = 10.0,
     latent: Annotated[int | None, typer.Option(help="latent height/width (default: config)")]
@@ -68,7 +65,7 @@ def profile_command(
                              blocks=tuple(block) if block else None, threads=threads, clock=clock,
                              rpc_timeout_s=rpc_timeout,
                              min_sample_ms=5.0 if device == "cuda" else 0.0,
-                             cuda_graphs=cuda_graphs, ops=ops)
+                             cuda_graphs=cuda_graphs)
     try:
         timer = make_timer(options)  # fails fast: missing backend, RPC host not answering
         with err.status(f"loading and tracing {model}"):
@@ -97,8 +94,6 @@ def profile_command(
                      f"{entry.macs / 1e9:.3f}")
     out.print(view)
     out.print(f"sum of blocks {table.sum_blocks_ms():.3f} ms")
-    if table.ops:
-        out.print(f"{len(table.ops)} distinct ops timed alone (kept in the table for the fit)")
     if table.whole_model is not None:
         out.print(f"whole model {table.whole_model.median_ms:.3f} ms; non-block cost "
                   f"{table.non_block_ms():.3f} ms (kept in the table)")

@@ -25,7 +25,7 @@ import torch
 
 from snapc.cost.model import TORCH_DTYPE_NAMES, block_work, graph_dtype, graph_signature
 from snapc.cost.model import non_block_work as graph_non_block_work
-from snapc.cost.table import BlockEntry, LatencyTable, OpEntry, summarize
+from snapc.cost.table import BlockEntry, LatencyTable, summarize
 from snapc.errors import SnapcError, UnknownNameError
 from snapc.graph import Graph
 from snapc.profile_backends import (
@@ -37,7 +37,6 @@ from snapc.profile_backends import (
     time_calls,
 )
 from snapc.profile_blocks import isolate_blocks
-from snapc.profile_ops import isolate_ops
 
 __all__ = ["ProfileOptions", "BACKENDS", "profile_graph", "make_timer", "default_device_name"]
 
@@ -60,9 +59,7 @@ class ProfileOptions:
     many back-to-back calls as fill this time (at most 100), so sub-millisecond GPU blocks are
     not dominated by the first call of a round; 0 means one call per sample.
     ``cuda_graphs``: torch on cuda only; time each block as a captured CUDA graph (GPU time
-    of back-to-back replays, see ``TorchTimer``) instead of eager calls. ``ops``: also time
-    every distinct op shape of the profiled blocks alone (``profile_ops.py``); the table's
-    op entries give the efficiency fit one equation per op class and size.
+    of back-to-back replays, see ``TorchTimer``) instead of eager calls.
     """
 
     backend: str = "torch"
@@ -81,7 +78,6 @@ class ProfileOptions:
     clock: str = "wall"
     min_sample_ms: float = 0.0
     cuda_graphs: bool = False
-    ops: bool = False
 
 
 @contextlib.contextmanager
@@ -176,9 +172,7 @@ def profile_graph(graph: Graph, options: ProfileOptions = ProfileOptions(),
     torch_dtype = TORCH_DTYPE_NAMES[dtype]
     names = list(options.blocks) if options.blocks is not None else None
     isolated = isolate_blocks(graph, names, options.seed)
-    ops = isolate_ops(graph, names, options.seed) if options.ops else []
-    labels = [item.name for item in isolated] + [f"op {op.node}" for op in ops] \
-        + (["whole model"] if options.whole_model else [])
+    labels = [item.name for item in isolated] + (["whole model"] if options.whole_model else [])
     total = len(labels) * (1 + options.repeats)
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -188,12 +182,8 @@ def profile_graph(graph: Graph, options: ProfileOptions = ProfileOptions(),
             progress(f"prepare + warm up {item.name}", done, total)
             runners.append(_batched(timer.prepare(item.name, item.module, item.inputs),
                                     options))
-        for done, op in enumerate(ops, len(isolated)):
-            progress(f"prepare + warm up op {op.node}", done, total)
-            runners.append(_batched(timer.prepare(f"op {op.node} ({op.target})", op.module,
-                                                  op.inputs), options))
         if options.whole_model:
-            progress("prepare + warm up whole model", len(isolated) + len(ops), total)
+            progress("prepare + warm up whole model", len(isolated), total)
             runners.append(_batched(timer.prepare("whole model", graph.module(),
                                                   graph.example_inputs), options))
         samples: list[list[float]] = [[] for _ in runners]
@@ -210,16 +200,13 @@ def profile_graph(graph: Graph, options: ProfileOptions = ProfileOptions(),
         entries.append(BlockEntry(block.name, block.stage, block.signature(torch_dtype),
                                   summarize(block_samples), block.macs,
                                   tuple(block_work(graph, block))))
-    op_samples = samples[len(isolated):len(isolated) + len(ops)]
-    op_entries = tuple(OpEntry(op.target, op.blocks, op.count, summarize(op_times), op.work)
-                       for op, op_times in zip(ops, op_samples, strict=True))
     whole = summarize(samples[-1]) if options.whole_model else None
     progress("done", total, total)
     meta = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "repeats": options.repeats, "warmup": options.warmup, "rounds": "interleaved",
         "clock": "cuda-events" if options.cuda_graphs else options.clock,
-        "cuda_graphs": options.cuda_graphs, "ops": options.ops,
+        "cuda_graphs": options.cuda_graphs,
         "threads": options.threads or torch.get_num_threads(),
         "machine": _machine(timer, options),
         "load_average_before": [round(x, 2) for x in load_before],
@@ -232,5 +219,4 @@ def profile_graph(graph: Graph, options: ProfileOptions = ProfileOptions(),
         device=default_device_name(options), backend=timer.name,
         model_name=graph.source.name, model_signature=graph_signature(graph, dtype),
         dtype=torch_dtype, blocks=tuple(entries), whole_model=whole,
-        non_block_work=tuple(graph_non_block_work(graph)) if whole else (), meta=meta,
-        ops=op_entries)
+        non_block_work=tuple(graph_non_block_work(graph)) if whole else (), meta=meta)

@@ -14,12 +14,6 @@ The fit minimises the relative residuals ``(model - measured) / measured`` (so s
 count as much as large ones) with non-negative unknowns (``scipy.optimize.lsq_linear``), plus
 a weak pull towards the profile's priors so that classes the table does not exercise keep
 their prior.
-
-A table profiled with ``--ops`` adds one equation per distinct op shape (the op timed alone).
-Block totals cannot tell apart classes that every block mixes alike (the GEMMs, norms and
-element-wise ops of a transformer block); single ops can. The op rows together weigh as much
-as the block rows together (``OPS_WEIGHT``), so block totals still anchor what ops alone miss
-(launch gaps between kernels, cache reuse between them).
 """
 
 from __future__ import annotations
@@ -36,7 +30,6 @@ from snapc.cost.work import CONV, MATMUL, OP_CLASSES, VIEW, NodeWork, dtype_key
 __all__ = ["fit", "features"]
 
 PRIOR_WEIGHT = 1e-4  # weight of each prior row relative to one measured block (weak pull)
-OPS_WEIGHT = 1.0  # summed weight of the op rows relative to the summed weight of block rows
 _MAX_EFFICIENCY = 100.0
 GEMM_CLASSES = (CONV, MATMUL)  # classes whose efficiency depends on the GEMM size M
 ROWS_REF = 1024.0  # scale of the size features (keeps the unknowns of similar magnitude)
@@ -65,8 +58,7 @@ def features(work: Iterable[NodeWork], device: DeviceProfile, dtype: str) -> np.
 def fit(device: DeviceProfile, table: LatencyTable,
         names: Iterable[str] | None = None) -> DeviceProfile:
     """Return ``device`` with efficiencies and launch overhead fitted to ``table``'s blocks
-    and ops (only the blocks in ``names`` and the ops occurring in them, when given).
-    ``device`` itself is not changed.
+    (only the blocks in ``names`` when given). ``device`` itself is not changed.
 
     Raises TableError when no block entry carries node work to fit against.
     """
@@ -75,18 +67,11 @@ def fit(device: DeviceProfile, table: LatencyTable,
     if not entries:
         raise TableError(f"table for '{table.model_name}' on {table.device} has no block "
                          "entries with node work to fit; re-run `snapc profile`")
-    ops = [o for o in table.ops if wanted is None or wanted.intersection(o.blocks)]
     dtype = dtype_key(table.dtype)
     rows = np.array([features(b.work, device, dtype) for b in entries])
     measured = np.array([b.timing.median_ms * 1e-3 for b in entries])
     design = rows / measured[:, None]
     target = np.ones(len(entries))
-    if ops:
-        op_rows = np.array([features((o.work,), device, dtype) for o in ops])
-        op_measured = np.array([o.timing.median_ms * 1e-3 for o in ops])
-        weight_ops = np.sqrt(OPS_WEIGHT * len(entries) / len(ops))
-        design = np.vstack([design, weight_ops * op_rows / op_measured[:, None]])
-        target = np.concatenate([target, np.full(len(ops), weight_ops)])
 
     classes, gemms = len(OP_CLASSES), len(GEMM_CLASSES)
     class_prior = np.array([1.0 / device.efficiency[c] for c in OP_CLASSES])
@@ -118,7 +103,6 @@ def fit(device: DeviceProfile, table: LatencyTable,
         "table_model": table.model_name,
         "table_backend": table.backend,
         "blocks": len(entries),
-        "ops": len(ops),
         "train_mape_pct": round(float(errors.mean() * 100), 2),
         "classes_seen": [c for i, c in enumerate(OP_CLASSES) if rows[:, i].any()],
     }

@@ -5,8 +5,6 @@ entry holds its signature (kind, channels, resolution, sequence and context leng
 batch), its timing (median, 10th/90th percentile, samples) and the roofline work of its nodes,
 so that efficiencies can be fitted from the table alone. The model signature (architecture
 config, input shapes, dtype) says which model the whole-model and non-block figures belong to.
-Tables written with ``snapc profile --ops`` also hold one entry per distinct op shape (its
-timing alone, its work and the blocks it occurs in): the fit uses them as extra equations.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from typing import Any
 from snapc.cost.work import NodeWork
 from snapc.errors import SnapcError
 
-__all__ = ["TABLE_FORMAT", "Timing", "BlockEntry", "OpEntry", "LatencyTable", "TableError",
+__all__ = ["TABLE_FORMAT", "Timing", "BlockEntry", "LatencyTable", "TableError",
            "signature_key", "model_signature", "summarize"]
 
 TABLE_FORMAT = "snapc-latency-table/1"
@@ -109,29 +107,6 @@ class BlockEntry:
 
 
 @dataclass(frozen=True)
-class OpEntry:
-    """One measured op shape: its target, the blocks it occurs in (``count`` times in all),
-    its timing alone and its work."""
-
-    target: str
-    blocks: tuple[str, ...]
-    count: int
-    timing: Timing
-    work: NodeWork
-
-    def to_json(self) -> dict[str, Any]:
-        """Return a JSON-ready dict."""
-        return {"target": self.target, "blocks": list(self.blocks), "count": self.count,
-                **self.timing.to_json(), "work": self.work.to_json()}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> OpEntry:
-        """Return the entry written by :meth:`to_json`."""
-        return cls(str(data["target"]), tuple(str(b) for b in data["blocks"]),
-                   int(data["count"]), Timing.from_json(data), NodeWork.from_json(data["work"]))
-
-
-@dataclass(frozen=True)
 class LatencyTable:
     """Measured latencies of one model's blocks on one device with one backend."""
 
@@ -144,7 +119,6 @@ class LatencyTable:
     whole_model: Timing | None = None
     non_block_work: tuple[NodeWork, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
-    ops: tuple[OpEntry, ...] = ()
 
     def sum_blocks_ms(self) -> float:
         """Return the sum of the block medians."""
@@ -163,13 +137,11 @@ class LatencyTable:
         return statistics.median(found) if found else None
 
     def subset(self, names: Iterable[str]) -> LatencyTable:
-        """Return a table holding only the named blocks, the ops that occur in them and no
-        whole-model figure."""
+        """Return a table holding only the named blocks and no whole-model figure."""
         wanted = set(names)
         return LatencyTable(self.device, self.backend, self.model_name, self.model_signature,
                             self.dtype, tuple(b for b in self.blocks if b.name in wanted),
-                            None, (), dict(self.meta),
-                            tuple(o for o in self.ops if wanted.intersection(o.blocks)))
+                            None, (), dict(self.meta))
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON document of the table."""
@@ -186,7 +158,6 @@ class LatencyTable:
             "non_block_ms": non_block,
             "non_block_work": [w.to_json() for w in self.non_block_work],
             "blocks": [b.to_json() for b in self.blocks],
-            "ops": [o.to_json() for o in self.ops],
         }
 
     def write(self, path: str | Path) -> Path:
@@ -219,7 +190,6 @@ class LatencyTable:
                 non_block_work=tuple(NodeWork.from_json(w)
                                      for w in data.get("non_block_work", ())),
                 meta=dict(data.get("meta", {})),
-                ops=tuple(OpEntry.from_json(o) for o in data.get("ops", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TableError(f"malformed latency table {where}: bad or missing field {exc}; "
