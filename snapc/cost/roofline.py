@@ -10,7 +10,7 @@ idle units' share is lost: the roofline time is scaled by ``waves x units / tile
 SD-1.5's 8x8 and 16x16 resolutions that is what makes attention far slower per FLOP than at
 32x32 on an H100 (kernel traces in ``bench/RESULTS.md``).
 
-Shared by the estimator (``model.py``) and the least-squares fit (``fit.py``), which needs the
+Shared by the estimator (``model.py``) and the least-squares fit (``fitting.py``), which needs the
 same per-class base times as its features.
 """
 
