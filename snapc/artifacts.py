@@ -1,4 +1,4 @@
-"""Write artifact folders atomically: build in a temp dir beside the target, then rename."""
+"""Write artifacts atomically: build in a temp file or folder beside the target, then rename."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from snapc.errors import OutputExistsError
 
-__all__ = ["atomic_output_dir", "check_output_dir"]
+__all__ = ["atomic_output_dir", "atomic_output_file", "check_output_dir"]
 
 
 def check_output_dir(out_dir: str | Path, force: bool) -> Path:
@@ -45,3 +45,20 @@ def atomic_output_dir(out_dir: str | Path, force: bool = False) -> Iterator[Path
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temp file path beside ``path``; on success it replaces ``path``, on failure it
+    is deleted, so a reader never sees a half-written file (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix,
+                                    dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from snapc.artifacts import atomic_output_file
 from snapc.cost.table import LatencyTable
 
 __all__ = ["plot_block_latency", "plot_predicted_vs_measured", "save_figure"]
@@ -17,11 +18,12 @@ def save_figure(fig: object, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        with atomic_output_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _stage_rank(stage: str) -> tuple[int, str]:

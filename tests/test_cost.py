@@ -299,6 +299,18 @@ def test_table_round_trips_and_malformed_files_fail(tiny_graph, tmp_path):
         LatencyTable.read(tmp_path / "absent.json")
 
 
+def test_a_failed_table_write_keeps_the_old_file_and_leaves_nothing_behind(tiny_graph,
+                                                                             tmp_path):
+    table = _synthetic_table(tiny_graph, load_device("h100"), whole_ms=40.0)
+    path = table.write(tmp_path / "t.json")
+    before = path.read_text()
+    broken = dataclasses.replace(table, meta={"not json": object()})
+    with pytest.raises(TypeError):
+        broken.write(path)
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+
 def _cost_app() -> typer.Typer:
     app = typer.Typer()
     app.command("cost")(cost_command)

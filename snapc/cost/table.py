@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapc.artifacts import atomic_output_file
 from snapc.cost.work import NodeWork
 from snapc.errors import SnapcError
 
@@ -161,11 +162,11 @@ class LatencyTable:
         }
 
     def write(self, path: str | Path) -> Path:
-        """Write the table as JSON to ``path`` and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        return path
+        """Write the table as JSON to ``path`` (atomically: a temp file renamed into place)
+        and return the path."""
+        with atomic_output_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return Path(path)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], where: str = "<table>") -> LatencyTable:
