@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from snapc.artifacts import atomic_output_file
 from snapc.cli_common import ModelArg, err, fail, out
 from snapc.errors import SnapcError
 
@@ -240,7 +241,8 @@ def search(
     except SnapcError as exc:
         fail(exc)
     record = result.info["search"]
-    output.write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_output_file(output) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
     chart = plot_front(record, output.with_suffix(".png"))
     out.print(search_table(record))
     out.print(front_table(record))
