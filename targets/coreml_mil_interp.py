@@ -32,7 +32,6 @@ Hand-written rather than a library: nothing maintained executes MIL off Apple pl
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
 import threading
@@ -687,39 +686,17 @@ def unsupported_ops(program: Any, function: str = MAIN) -> list[tuple[str, str]]
 
 @contextlib.contextmanager
 def _one_blas_thread() -> Iterator[None]:
-    """Run numpy's OpenBLAS on one thread inside the block (restored after).
+    """Run numpy's BLAS on one thread inside the block (restored after; threadpoolctl).
 
     The interpreter makes thousands of small BLAS calls (row blocks of attention, per-group
     convolutions); OpenBLAS's thread hand-off costs ~15 ms a call on a loaded machine, far more
     than the call itself (measured: a 16x20 @ 20x4096 block takes 15 ms on two threads, 0.2 ms
-    on one). Does nothing when numpy's BLAS is not an OpenBLAS it can find.
+    on one).
     """
-    setter = getter = None
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-        for path in sorted(paths):
-            lib = ctypes.CDLL(path)
-            for prefix in ("scipy_openblas", "openblas"):
-                for suffix in ("64_", ""):
-                    if hasattr(lib, f"{prefix}_set_num_threads{suffix}"):
-                        setter = getattr(lib, f"{prefix}_set_num_threads{suffix}")
-                        getter = getattr(lib, f"{prefix}_get_num_threads{suffix}")
-                        break
-                if setter:
-                    break
-            if setter:
-                break
-    except OSError:
-        setter = None
-    before = int(getter()) if setter else 0
-    if setter:
-        setter(1)
-    try:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
-    finally:
-        if setter:
-            setter(before)
 
 
 def _numpy_dtype(var: Any) -> np.dtype | None:
