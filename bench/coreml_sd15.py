@@ -139,6 +139,8 @@ def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from snapc.plots import save_figure
+
     names = list(results)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.bar(names, [results[n]["process_wall_s"] for n in names], color="#4c72b0")
@@ -147,9 +149,7 @@ def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     b.bar(names, [results[n]["peak_rss_gb"] for n in names], color="#dd8452")
     b.axhline(12e9 / 2**30, color="k", linestyle="--", linewidth=1)  # the 12 GB goal
     b.set_ylabel("peak RSS (GiB)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _section(results: dict[str, dict[str, Any]], model: str, attention: str) -> str:

@@ -42,6 +42,7 @@ from snapc.numerics import compare
 from snapc.passes.fuse import fusion_passes
 from snapc.passes.fused_ops import onnx_translations
 from snapc.pipeline import PassContext, Pipeline
+from snapc.plots import save_figure
 
 HERE = Path(__file__).resolve().parent
 console = Console(stderr=True)
@@ -173,9 +174,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("onnxruntime CPU latency per UNet call (s, best)")
     ax.set_title(f"{result['model']}: {result['threads']} threads")
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
