@@ -9,7 +9,8 @@ model misses on the H100") come from this run:
 
     python3 bench/gpu_kernel_trace.py --model sd15 --latent 64
 
-Writes ``bench/out/gpu_kernel_trace_<model>.json``.
+Writes ``bench/out/gpu_kernel_trace_<model>.json`` (``..._<model>_all.json`` with
+``--blocks all``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
               "model": args.model, "latent": args.latent, "blocks": {}}
     print(f"{report['gpu']}, torch {report['torch']}, {args.model} at {args.latent}x"
           f"{args.latent}, fp32, batch 1")
-    names = [b.name for b in graph.blocks] if args.blocks == ["all"] else args.blocks
+    every = args.blocks == ["all"]
+    names = [b.name for b in graph.blocks] if every else args.blocks
     for item in isolate_blocks(graph, names):
         inputs = tuple(t.cuda() for t in item.inputs)
         kernels = kernel_times(item.module, inputs, args.calls)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, (count, us) in list(kernels.items())[:args.top]:
             print(f"   {us:8.1f} us  x{count:4.1f}  {name[:100]}")
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"gpu_kernel_trace_{args.model}{'_all' if args.blocks == ['all'] else ''}.json"
+    path = OUT / f"gpu_kernel_trace_{args.model}{'_all' if every else ''}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
 
