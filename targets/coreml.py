@@ -36,6 +36,7 @@ import contextlib
 import io
 import logging
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -423,8 +424,6 @@ def _write_chunks(whole: Path, out_dir: Path, n_chunks: int, options: CoreMLOpti
     With ``chunks=0`` (auto) a chunk at or over ``max_chunk_bytes`` adds one more chunk and
     splits again; with an explicit count it raises SnapcError naming the fix.
     """
-    import shutil
-
     from snapc.targets.coreml_chunk import split_package
 
     while True:

@@ -199,7 +199,7 @@ def apply_quantization(program: Any, plan: QuantPlan, workers: int = 1) -> None:
 def _fp16_unique(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``np.unique(weight, return_inverse=True, return_counts=True)`` of an fp16 array, from a
     histogram of its 65,536 bit patterns (O(n), no sort); -0.0 counts as 0.0, as np.unique has
-    it. Returns None-free arrays: values (ascending), inverse (flat), counts."""
+    it. Returns the values (ascending), the inverse (flat) and the counts."""
     bits = weight.reshape(-1).view(np.uint16)
     counts = np.bincount(bits, minlength=1 << 16)
     counts[0] += counts[0x8000]  # -0.0 == 0.0
