@@ -85,9 +85,15 @@ def random_weights_warning(name: str) -> str:
 
 def load_graph(model: str, *, arch: str | None = None, batch: int = 1,
                latent: int | None = None, seed: int = 0, device: str = "cpu") -> Graph:
-    """Load MODEL (name, folder or file) and return its traced Graph."""
+    """Load MODEL (name, folder or file) and return its traced Graph; a pruned-UNet folder's
+    removed blocks are removed from it."""
     loaded = load_model(model, arch=arch, batch=batch, latent=latent, seed=seed, device=device)
-    return trace(loaded.module, loaded.example_inputs, loaded.info)
+    graph = trace(loaded.module, loaded.example_inputs, loaded.info)
+    if loaded.removed:
+        from snapc.passes import remove_blocks
+
+        graph, _ = remove_blocks(graph, loaded.removed)
+    return graph
 
 
 class _PassReporter:
@@ -208,6 +214,10 @@ def compile_model(
                   f"{counts.get('transformer', 0)} transformer blocks")
 
     pass_list = list(passes) if passes is not None else default_passes(options)
+    if loaded.removed:  # a pruned-UNet folder: its blocks go first, as a recorded pass
+        from snapc.passes import RemoveBlocks
+
+        pass_list.insert(0, RemoveBlocks(loaded.removed))
     start = time.perf_counter()
     ctx = PassContext(check=True, verify=bool(pass_list),
                       instruments=[_PassReporter(reporter)],

@@ -78,16 +78,24 @@ class ModelInfo:
     config: dict | None = None
     weights_path: str | None = None
     weights_sha256: str | None = None
+    base: str | None = None  # the model a pruned / distilled one was derived from
+    removed: tuple[str, ...] = ()  # blocks its folder says were removed
+    sampler: dict | None = None  # the sampling recipe stored with the weights
 
     def to_json(self) -> dict[str, object]:
         """Return a JSON-ready dict."""
-        return {
+        out: dict[str, object] = {
             "name": self.name,
             "random_weights": self.random_weights,
             "weights_path": self.weights_path,
             "weights_sha256": self.weights_sha256,
             "config": self.config,
         }
+        if self.base is not None:
+            out |= {"base": self.base, "removed_blocks": list(self.removed)}
+        if self.sampler is not None:
+            out["sampler"] = self.sampler
+        return out
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ __all__ = [
     "SD15_CONFIG",
     "SD21_BASE_CONFIG",
     "TINY_CONFIG",
+    "read_state_dict",
+    "load_state_strict",
+    "is_shapes_family",
 ]
 
 # Exact public config of runwayml/stable-diffusion-v1-5 unet/config.json (diffusers format).
@@ -89,6 +92,7 @@ class LoadedModel:
     module: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
     info: ModelInfo
+    removed: tuple[str, ...] = ()  # blocks to remove after tracing (a pruned-UNet folder)
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors or .bin state dict, raising WeightsError naming the file."""
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}; pass an existing file or folder")
@@ -189,7 +193,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Load ``state`` strictly, raising WeightsError that names the file and first bad key."""
     expected = module.state_dict()
     for key, tensor in state.items():
@@ -215,9 +219,41 @@ def _weights_in_folder(folder: Path) -> Path:
                        "point at a diffusers UNet folder")
 
 
+def _load_pruned(folder: Path, batch: int, latent: int | None, seed: int) -> LoadedModel:
+    """Load a pruned-UNet folder (snapc.pruned): the full architecture with the kept weights,
+    and the blocks to remove after tracing."""
+    from snapc import pruned
+
+    module, record = pruned.load_full_with_kept(folder, seed)
+    clean = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+    if is_shapes_family(record.base):
+        from snapc.shapes import model as shapes_model
+
+        if latent is not None and latent != clean["sample_size"]:
+            raise WeightsError(f"model {record.name!r} is trained at 32x32; drop --latent {latent}")
+        inputs = shapes_model.example_inputs(batch)
+    else:
+        inputs = unet_example_inputs(clean, batch, latent, CONTEXT_LEN.get(record.base, 77),
+                                     "cpu", seed)
+    weights = folder / pruned.WEIGHTS_FILE
+    info = ModelInfo(name=record.name, random_weights=record.random_weights, config=clean,
+                     weights_path=str(weights), weights_sha256=_file_sha256(weights),
+                     base=record.base, removed=record.removed, sampler=record.sampler)
+    return LoadedModel(module, inputs, info, removed=record.removed)
+
+
+def is_shapes_family(name: str) -> bool:
+    """Return whether a model (or base) name is the shapes model or one derived from it."""
+    return name == "shapes" or name.startswith("shapes-")
+
+
 def _load_folder(folder: Path, batch: int, latent: int | None, seed: int) -> LoadedModel:
     from diffusers import UNet2DConditionModel
 
+    from snapc.pruned import is_pruned_folder
+
+    if is_pruned_folder(folder):
+        return _load_pruned(folder, batch, latent, seed)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise WeightsError(f"{folder} has no config.json; point at a diffusers UNet folder")
@@ -230,7 +266,7 @@ def _load_folder(folder: Path, batch: int, latent: int | None, seed: int) -> Loa
         module = UNet2DConditionModel.from_config(config)
     except Exception as exc:  # diffusers raises TypeError/ValueError on bad configs
         raise WeightsError(f"{config_path}: not a UNet2DConditionModel config ({exc})") from exc
-    _load_into(module, _read_state_dict(weights), weights)
+    load_state_strict(module, read_state_dict(weights), weights)
     clean = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
     inputs = unet_example_inputs(clean, batch, latent, 77, "cpu", seed)
     info = ModelInfo(name=folder.name, random_weights=False, config=clean,
@@ -242,7 +278,7 @@ def _load_file(path: Path, arch: str, batch: int, latent: int | None, seed: int)
     if arch not in MODELS or arch == "shapes":
         raise UnknownNameError("architecture", arch, [m for m in MODELS if m != "shapes"])
     base = MODELS[arch].build(batch, latent, torch.device("cpu"), seed)
-    _load_into(base.module, _read_state_dict(path), path)
+    load_state_strict(base.module, read_state_dict(path), path)
     info = ModelInfo(name=f"{arch}:{path.name}", random_weights=False, config=base.info.config,
                      weights_path=str(path), weights_sha256=_file_sha256(path))
     return LoadedModel(base.module.eval(), base.example_inputs, info)

@@ -8,7 +8,6 @@ fp16 safetensors under ``snapc/weights/shapes/`` and load as fp32; nothing is do
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from torch import nn
 
+from snapc import pruned
 from snapc.shapes.data import caption
 from snapc.shapes.text import TEXT_DIM, TextEncoder, tokenize
 
@@ -103,39 +103,7 @@ def example_inputs(batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def removable_blocks(unet: UNet2DConditionModel) -> list[str]:
     """Return the names of every resnet and transformer block, in execution order."""
-    names = []
-    stages = [("down_blocks", b) for b in range(len(unet.down_blocks))]
-    stages += [("mid_block", None)]
-    stages += [("up_blocks", b) for b in range(len(unet.up_blocks))]
-    for stage, index in stages:
-        block = unet.mid_block if index is None else getattr(unet, stage)[index]
-        prefix = stage if index is None else f"{stage}.{index}"
-        attentions = getattr(block, "attentions", None) or []
-        for i in range(len(block.resnets)):
-            names.append(f"{prefix}.resnets.{i}")
-            if index is None and i == 0:
-                names += [f"{prefix}.attentions.{j}" for j in range(len(attentions))]
-            elif index is not None and i < len(attentions):
-                names.append(f"{prefix}.attentions.{i}")
-    return names
-
-
-class _SkipResnet(nn.Module):
-    """A removed resnet: the shortcut path alone (1x1 conv when channels change, else x)."""
-
-    def __init__(self, shortcut: nn.Module | None) -> None:
-        super().__init__()
-        self.shortcut = shortcut
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
-        return x if self.shortcut is None else self.shortcut(x)
-
-
-class _SkipTransformer(nn.Module):
-    """A removed Transformer2DModel: identity on hidden_states, in diffusers' tuple form."""
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return (hidden_states,)
+    return pruned.removable_blocks(unet)
 
 
 def without_block(unet: UNet2DConditionModel, name: str) -> UNet2DConditionModel:
@@ -146,13 +114,4 @@ def without_block(unet: UNet2DConditionModel, name: str) -> UNet2DConditionModel
     """
     if name not in removable_blocks(unet):
         raise KeyError(f"{name!r} is not a removable block; see removable_blocks()")
-    edited = copy.deepcopy(unet)
-    parent_name, _, index = name.rpartition(".")
-    parent = edited.get_submodule(parent_name)
-    old = parent[int(index)]
-    parent[int(index)] = (
-        _SkipResnet(getattr(old, "conv_shortcut", None))
-        if ".resnets." in name
-        else _SkipTransformer()
-    )
-    return edited
+    return pruned.skip_blocks(unet, [name])
