@@ -321,13 +321,24 @@ def models() -> None:
 
 
 def _register_profile_commands() -> None:
+    from snapc.cli_evaluate import evaluate_command
     from snapc.cli_profile import cost_command, profile_command
 
     app.command("profile")(profile_command)
     app.command("cost")(cost_command)
+    app.command("evaluate")(evaluate_command)
 
 
 _register_profile_commands()
+
+
+def _register_train_commands() -> None:
+    from snapc.cli_train import distill_command
+
+    app.command("distill")(distill_command)
+
+
+_register_train_commands()
 
 
 def main() -> None:

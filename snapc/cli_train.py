@@ -1,0 +1,154 @@
+"""`snapc distill`: recovery distillation (and robust training) from the command line.
+
+Parses arguments, builds the options dataclasses and calls snapc.train; shows a progress bar
+with the loss and the time left. Runs data-parallel under ``torchrun`` unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from snapc.cli_common import ModelArg, err, fail, out, show_warnings
+from snapc.errors import SnapcError
+
+__all__ = ["distill_command"]
+
+
+class _TrainBar:
+    """A rich progress bar per training phase: step, loss and time left."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+            TextColumn("left {task.fields[left]}"), console=err, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> _TrainBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def stage(self, message: str) -> None:
+        """Print a stage line above the bars."""
+        self.progress.console.print(f"[green]•[/] {message}")
+
+    def update(self, phase: str, p) -> None:
+        """Advance ``phase``'s bar to the reported step."""
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(phase, total=p.total_steps, loss="-",
+                                                       left="?")
+        left = "?" if p.eta_s is None else f"{int(p.eta_s) // 60}:{int(p.eta_s) % 60:02d}"
+        self.progress.update(self.tasks[phase], completed=p.step, loss=f"{p.loss:.5f}",
+                             left=left)
+
+
+def distill_command(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for the recovered "
+                                         "model (diffusers weights + snapc_pruned.json)")],
+    remove: Annotated[list[str] | None, typer.Option(
+        "--remove", help="block to remove (repeatable); see `snapc inspect`")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="device whose latency the block search cuts (with --budget)")] = None,
+    budget: Annotated[float | None, typer.Option(
+        help="target latency as a fraction of today's on --device")] = None,
+    keep: Annotated[list[str] | None, typer.Option(
+        "--keep", help="block the search must not remove (repeatable)")] = None,
+    steps: Annotated[int | None, typer.Option(help="recovery training steps")] = None,
+    minutes: Annotated[float | None, typer.Option(
+        help="recovery training minutes (with --steps: whichever ends first)")] = None,
+    robust_steps: Annotated[int | None, typer.Option(
+        help="robust-training steps before the search")] = None,
+    robust_minutes: Annotated[float | None, typer.Option(
+        help="robust-training minutes before the search (SnapFusion's architecture evolution)")]
+    = None,
+    train_device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    batch: Annotated[int, typer.Option(help="global batch (split over torchrun processes)")]
+    = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
+    warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 100,
+    ema: Annotated[float, typer.Option(help="EMA decay of the weights written")] = 0.995,
+    task_weight: Annotated[float, typer.Option(help="weight of MSE to the true noise")] = 1.0,
+    kd_weight: Annotated[float, typer.Option(help="weight of MSE to the teacher's output")]
+    = 1.0,
+    feature_weight: Annotated[float, typer.Option(
+        help="weight of MSE to the teacher's stage outputs")] = 1.0,
+    caption_dropout: Annotated[float, typer.Option(help="fraction of empty captions")] = 0.1,
+    conditioning: Annotated[Path | None, typer.Option(
+        help="data-free: .safetensors with encoder_hidden_states (N, L, D) [+ uncond]")] = None,
+    pool: Annotated[int, typer.Option(
+        help="data-free: teacher samples drawn once as training data")] = 256,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 200,
+    seed: Annotated[int, typer.Option(help="seed of data, noise and skip draws")] = 0,
+    name: Annotated[str | None, typer.Option(help="name of the recovered model")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="continue a killed run from its last checkpoint (<out>.checkpoints)")] = False,
+    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    arch: Annotated[str | None, typer.Option(help="architecture of a bare weights file")]
+    = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the training record")] = False,
+) -> None:
+    """Remove blocks and win the quality back by distillation from the original model.
+
+    Name the blocks (--remove) or let block search pick them for a latency budget (--device,
+    --budget), optionally after robust training (--robust-minutes). Writes a folder that
+    `snapc compile`, `snapc evaluate` and diffusers (snapc.pruned.load_pruned_unet) load."""
+    from snapc.train import (
+        RecoveryLoss,
+        RecoveryOptions,
+        RobustOptions,
+        TrainOptions,
+        distill_recovery,
+    )
+
+    options = RecoveryOptions(
+        model=model, out=output, remove=tuple(remove or ()), device=device, budget=budget,
+        keep=tuple(keep or ()), name=name, conditioning=conditioning, pool=pool, force=force,
+        resume=resume, arch=arch, robust=RobustOptions(steps=robust_steps,
+                                                       minutes=robust_minutes))
+    train_options = TrainOptions(steps=steps, minutes=minutes, batch=batch, lr=lr,
+                                 warmup=warmup, ema=ema, seed=seed, device=train_device,
+                                 checkpoint_every=checkpoint_every)
+    loss = RecoveryLoss(task=task_weight, output_kd=kd_weight, feature_kd=feature_weight,
+                        caption_dropout=caption_dropout)
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            options.check()
+            train_options.check()
+            loss.check()
+            with _TrainBar() as bar:
+                record = distill_recovery(options, train_options, loss,
+                                          progress=bar.update if main else None,
+                                          report=bar.stage if main else lambda _: None)
+        show_warnings([w for w in caught if "random weights" in str(w.message)])
+    except SnapcError as exc:
+        fail(exc)
+    if not main:
+        return
+    if record.get("random_weights"):
+        err.print("[yellow]warning:[/] the base model has random weights: this run is a smoke "
+                  "test of the training path, not a quality result")
+    if json_out:
+        out.print_json(json.dumps(record, default=str))
+        return
+    out.print(f"wrote {output}: {len(record['removed_blocks'])} blocks removed, "
+              f"{record['steps']} steps in {record['train_seconds']} s, final loss "
+              f"{record['final_loss']:.5f}")
