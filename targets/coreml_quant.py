@@ -16,9 +16,13 @@ record. Both go through ``coremltools.optimize.coreml`` (``palettize_weights``,
 
 Records *applied* already (the graph's own records: the target converts the graph whose weights
 hold the quantize-dequantized values, ``apply_records_to_module``) are realised exactly: a
-palette's look-up table is the weight's unique values (mode ``unique``, no k-means), and int8
-recovers the record's per-channel scales (``max |w| / 127``); they differ from the records only
-by fp16 rounding.
+palette's look-up table is the weight's unique values (no k-means), and int8 recovers the
+record's per-channel scales (``max |w| / 127``); they differ from the records only by fp16
+rounding. The unique values come from a histogram of the fp16 bit patterns (``_fp16_unique``),
+not from ``np.unique``: numpy >= 2.0 sorts float16 with an AVX-512 kernel (x86-simd-sort) that
+mis-orders some arrays on some CPUs (seen on an AMD EPYC with AVX-512), so ``np.unique`` found
+18-54 "unique" values in weights holding 16 and coremltools' mode ``unique`` stored them with
+6-bit instead of 4-bit indices.
 """
 
 from __future__ import annotations
@@ -174,7 +178,8 @@ def apply_quantization(program: Any, plan: QuantPlan, workers: int = 1) -> None:
         OptimizationConfig,
     )
 
-    palettes = {name: OpPalettizerConfig(mode="unique", granularity="per_tensor",
+    palettes = {name: OpPalettizerConfig(mode="custom", lut_function=_unique_lut,
+                                         granularity="per_tensor",
                                          weight_threshold=MIN_WEIGHT_ELEMENTS)
                 if name in plan.exact else
                 OpPalettizerConfig(nbits=int(s.removeprefix("palette")), mode="kmeans",
@@ -211,6 +216,23 @@ def _fp16_unique(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     rank[patterns[order]] = np.arange(len(order))
     rank[0x8000] = rank[0]
     return values[order], rank[bits], counts[patterns[order]]
+
+
+def _unique_lut(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the look-up table (the unique values of ``weight``, zero-padded to the fewest
+    supported bits: 1, 2, 3, 4, 6 or 8) and the uint8 indices (flat) that rebuild it:
+    coremltools' mode ``unique``, for fp16 without ``np.unique`` (see the module docstring)."""
+    if weight.dtype == np.float16:
+        values, inverse, _ = _fp16_unique(weight)
+    else:
+        values, inverse = np.unique(weight.reshape(-1), return_inverse=True)
+    bits = next((b for b in (1, 2, 3, 4, 6, 8) if len(values) <= 1 << b), None)
+    if bits is None:
+        raise SnapcError(f"a palettized weight holds {len(values)} distinct fp16 values; "
+                         "a look-up table holds at most 256")
+    lut = np.zeros(1 << bits, dtype=weight.dtype)
+    lut[: len(values)] = values
+    return lut, inverse.astype(np.uint8)
 
 
 @contextlib.contextmanager

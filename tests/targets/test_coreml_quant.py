@@ -129,9 +129,12 @@ def test_histogram_unique_palettizes_like_coremltools() -> None:
     signed_zeros = np.concatenate([np.zeros(300), -np.zeros(200)])
     for weight in ((rng.standard_normal(200_000) * 0.02).astype(np.float16),
                    np.concatenate([signed_zeros, rng.standard_normal(30_000)]).astype(np.float16)):
-        values, inverse, counts = np.unique(weight, return_inverse=True, return_counts=True)
+        # in float32 (exact for fp16 values): numpy's AVX-512 float16 sort mis-orders some
+        # arrays on some CPUs, so np.unique of the fp16 array itself is no reference
+        values, inverse, counts = np.unique(weight.astype(np.float32), return_inverse=True,
+                                            return_counts=True)
         got = _fp16_unique(weight)
-        np.testing.assert_array_equal(got[0], values)
+        np.testing.assert_array_equal(got[0].astype(np.float32), values)
         np.testing.assert_array_equal(got[1], inverse.ravel())
         np.testing.assert_array_equal(got[2], counts)
         expected = utils._get_kmeans_lookup_table_and_weight(6, weight)
@@ -140,3 +143,17 @@ def test_histogram_unique_palettizes_like_coremltools() -> None:
         np.testing.assert_array_equal(lut, expected[0])
         np.testing.assert_array_equal(indices, expected[1])
     assert passes._get_kmeans_lookup_table_and_weight is utils._get_kmeans_lookup_table_and_weight
+
+
+def test_exact_palette_keeps_the_records_bits() -> None:
+    # 16 fp16 values, repeated: numpy's AVX-512 float16 sort mis-orders such arrays on some CPUs
+    # (np.unique then finds 18-42 values here and coremltools' mode "unique" took 6 bits)
+    from snapc.targets.coreml_quant import _unique_lut
+
+    rng = np.random.default_rng(0)
+    table = np.sort(rng.standard_normal(16) * 0.02).astype(np.float16)
+    weight = table[rng.integers(0, 16, 20_000)].reshape(20, 1000)
+    lut, indices = _unique_lut(weight)
+    assert lut.dtype == np.float16 and lut.shape == (16,) and indices.dtype == np.uint8
+    np.testing.assert_array_equal(lut[indices].reshape(weight.shape), weight)
+    np.testing.assert_array_equal(np.sort(lut.astype(np.float32)), table.astype(np.float32))
