@@ -20,7 +20,7 @@ EVAL_STEPS steps and guidance EVAL_GUIDANCE, start noise seeded per prompt index
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import permutations
 from pathlib import Path
 
@@ -145,11 +145,16 @@ def generate(
     batch: int = 250,
     device: torch.device | str = "cpu",
     batch_cfg: bool = True,
+    spacing: str = "linspace",
+    guidance_embedded: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Return (N, 3, 32, 32) images in [-1, 1] (on CPU) generated for the captions of codes.
 
     Start noise is drawn once for all N from `seed`, so image i depends only on (i, seed).
     batch_cfg=False calls the denoiser at batch size `batch` (for graphs traced at fixed batch).
+    spacing and guidance_embedded are passed to :func:`snapc.shapes.sampler.sample`.
+    progress(done, total) is called after each chunk of images.
     """
     noise = _start_noise(len(codes), seed)
     uncond = encode_captions([""], text_encoder).to(device)
@@ -158,8 +163,11 @@ def generate(
         chunk = codes[lo : lo + batch]
         context = encode_captions([caption(int(c)) for c in chunk], text_encoder).to(device)
         x = sample(unet, context, uncond, steps=steps, guidance=guidance,
-                   noise=noise[lo : lo + len(chunk)].to(device), batch_cfg=batch_cfg)
+                   noise=noise[lo : lo + len(chunk)].to(device), batch_cfg=batch_cfg,
+                   spacing=spacing, guidance_embedded=guidance_embedded)
         out.append(x.cpu())
+        if progress is not None:
+            progress(lo + len(chunk), len(codes))
     return torch.cat(out)
 
 
@@ -226,14 +234,22 @@ def evaluate(
     steps: int = EVAL_STEPS,
     guidance: float = EVAL_GUIDANCE,
     device: torch.device | str = "cpu",
+    spacing: str = "linspace",
+    guidance_embedded: bool = False,
+    batch: int = 250,
+    batch_cfg: bool = True,
+    seed: int = EVAL_SEED,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Return prompt adherence (see :func:`prompt_adherence`) and ``fd`` of generated images.
 
     The Fréchet distance compares generated images with the ground-truth renders of the same
-    validation prompts.
+    validation prompts. The keyword arguments after ``device`` are :func:`generate`'s.
     """
     codes = validation_codes() if codes is None else codes
-    images = generate(unet, text_encoder, codes, steps=steps, guidance=guidance, device=device)
+    images = generate(unet, text_encoder, codes, steps=steps, guidance=guidance, device=device,
+                      spacing=spacing, guidance_embedded=guidance_embedded, batch=batch,
+                      batch_cfg=batch_cfg, seed=seed, progress=progress)
     real = render(codes)
     result = prompt_adherence(images, codes)
     result["fd"] = frechet_distance(image_features(classifier, images),
