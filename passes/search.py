@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from snapc.calibration import alphas_cumprod_for, calibration_inputs, to_x0
-from snapc.errors import BudgetError, UnknownNameError
+from snapc.errors import BudgetError, SnapcError, UnknownNameError
 from snapc.graph import Graph
 from snapc.incremental import BypassEvaluator
 from snapc.passes.remove_blocks import remove_blocks
@@ -38,6 +38,7 @@ from snapc.pipeline import Change, PassContext, PassResult, register_pass
 __all__ = ["SearchBlocks", "SearchStep", "search_blocks", "nmse"]
 
 Metric = Callable[[frozenset[str]], float]
+SPACES = ("eps", "x0")  # what the proxy compares: noise predictions or the x0 they imply
 
 
 def nmse(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -142,7 +143,7 @@ def search_blocks(
             def transform(eps: torch.Tensor) -> torch.Tensor:
                 return eps
         else:
-            raise ValueError(f"proxy space must be 'eps' or 'x0', not {space!r}")
+            raise ValueError(f"proxy space must be one of {SPACES}, not {space!r}")
         proxy: _Proxy | None = _Proxy(evaluator, transform)
     else:
         proxy = None
@@ -233,6 +234,49 @@ class SearchBlocks:
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", tuple(self.keep))
 
+    def check_values(self) -> None:
+        """Raise SnapcError naming the fix for options that cannot work whatever the device:
+        two budgets, a budget fraction outside (0, 1), a budget in ms or a quality floor that
+        is not positive, an unknown proxy space or scoring device, no calibration triple."""
+        if self.budget is not None and self.budget_ms is not None:
+            raise SnapcError("--budget and --budget-ms both give the latency budget; give one: "
+                             "--budget F (fraction of the original) or --budget-ms MS")
+        if self.budget is not None and not 0 < self.budget < 1:
+            raise SnapcError(f"--budget {self.budget} is not a fraction of the original "
+                             "latency; give 0 < F < 1 (0.8 keeps 80% of it)")
+        if self.budget_ms is not None and not 0 < self.budget_ms < math.inf:
+            raise SnapcError(f"--budget-ms {self.budget_ms} is not a latency; give "
+                             "milliseconds > 0")
+        if self.quality_floor is not None and not 0 < self.quality_floor < math.inf:
+            raise SnapcError(f"--quality-floor {self.quality_floor} is not a proxy loss; give "
+                             "an NMSE > 0 (e.g. 0.05)")
+        if self.calibration < 1:
+            raise SnapcError(f"--calibration {self.calibration}: the proxy needs at least one "
+                             "calibration triple")
+        if self.space not in SPACES:
+            raise SnapcError(f"--proxy-space {self.space!r} is not a proxy space; use one of "
+                             f"{', '.join(SPACES)}")
+        kind, _, index = str(self.eval_device).partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+            raise SnapcError(f"--eval-device {self.eval_device!r} is not a device; use cpu or "
+                             "cuda (cuda:N)")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise SnapcError(f"--eval-device {self.eval_device}: torch sees no CUDA device "
+                             "here; use --eval-device cpu")
+
+    def check(self) -> None:
+        """Raise SnapcError naming the fix when the search cannot run, before any model is
+        loaded: :meth:`check_values`, no device, an unknown device name or a bad profile file,
+        a latency table that is missing, malformed or measured on another device. Reads the
+        device profile and the table (cheap: no graph)."""
+        from snapc.cost import builtin_devices
+
+        self.check_values()
+        if not self.device:
+            raise SnapcError("block search needs a device: --device NAME (one of "
+                             f"{', '.join(builtin_devices())}) or a .toml/.json profile")
+        self.cost_model(PassContext())
+
     def cost_model(self, ctx: PassContext) -> Any:
         """Return the context's cost model, or one for ``device`` (fp16 on phones)."""
         if ctx.cost is not None:
@@ -244,6 +288,7 @@ class SearchBlocks:
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Return the graph without the chosen blocks; ``info`` holds the search record."""
+        self.check_values()
         record = search_blocks(
             graph, self.cost_model(ctx), budget_ms=self.budget_ms, budget=self.budget,
             keep=self.keep, metric=self.metric, rescore=self.rescore,

@@ -107,11 +107,10 @@ def compile_cmd(
     With --device and --budget/--budget-ms, block search runs first (see `snapc search`);
     with --quantize, quantization is the last pass and the target realises its records."""
     from snapc.compiler import CompileOptions, compile_model
+    from snapc.targets import get_target
 
-    search = None
-    if budget is not None or budget_ms is not None:
-        if device is None:
-            fail(SnapcError("--budget/--budget-ms need --device (see `snapc cost --help`)"))
+    search = None  # compile_model checks it (device, budget, table) before loading the model
+    if any(v is not None for v in (device, budget, budget_ms, table)) or keep:
         search = _search_args(device, budget, budget_ms, keep, table, calibration, eval_device,
                               space=proxy_space)
     quant = None
@@ -125,16 +124,16 @@ def compile_cmd(
               "compute_units": coreml_compute_units, "attention": coreml_attention,
               "verifier": coreml_verifier}
     given = [f"--coreml-{k.replace('_', '-')}" for k, v in coreml.items() if v is not None]
-    if given and not target.startswith("coreml"):
-        fail(SnapcError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
-                        f"only to the coreml targets (coreml, coreml-palette6), not --target "
-                        f"{target}"))
     options = CompileOptions(model=model, target=target, out=output, arch=arch,
                              remove=tuple(remove or ()), latent=latent, batch=batch,
                              force=force, seed=seed, search=search, fusions=fusions,
                              quantize=quant,
                              target_options={k: v for k, v in coreml.items() if v is not None})
     try:
+        if given and not get_target(target).name.startswith("coreml"):
+            raise SnapcError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
+                             "only to the coreml targets (coreml, coreml-palette6), not "
+                             f"--target {target}")
         with RichReporter(err) as reporter:
             result = compile_model(options, reporter=reporter)
     except SnapcError as exc:
@@ -175,7 +174,7 @@ DeviceOpt = Annotated[str | None, typer.Option(
     help="device for block search: iphone14pro-ane, adreno740, mali-g715, h100, local-cpu, "
          "or a profile file")]
 BudgetOpt = Annotated[float | None, typer.Option(
-    min=0.0, max=1.0, help="latency budget as a fraction of the original on --device")]
+    help="latency budget as a fraction of the original on --device, 0 < F < 1")]
 BudgetMsOpt = Annotated[float | None, typer.Option(help="latency budget in ms on --device")]
 KeepOpt = Annotated[list[str] | None, typer.Option(
     "--keep", help="block the search must not remove (repeatable)")]
@@ -231,13 +230,17 @@ def search(
     args = _search_args(device, budget, budget_ms, keep, table, calibration, eval_device,
                         rescore, quality_floor, proxy_space)
     try:
+        search_pass = SearchBlocks(**args)
+        search_pass.check()  # device, budget, table: before loading the model
+        if not output.parent.is_dir():
+            raise SnapcError(f"cannot write {output}: folder {output.parent} does not exist; "
+                             "create it or give another -o")
         with RichReporter(err) as reporter:
             reporter.stage(f"loading and tracing {model}")
             graph = load_graph(model, arch=arch, batch=batch, latent=latent)
             if graph.source.random_weights:
                 reporter.warn(random_weights_warning(graph.source.name))
-            result = SearchBlocks(**args).run(graph, PassContext(
-                options={"progress": reporter.stage}))
+            result = search_pass.run(graph, PassContext(options={"progress": reporter.stage}))
     except SnapcError as exc:
         fail(exc)
     record = result.info["search"]

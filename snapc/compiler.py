@@ -5,12 +5,13 @@ Library code: it reports progress through a Reporter and never prints.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from snapc.artifacts import atomic_output_dir, check_output_dir
 from snapc.errors import SnapcError
@@ -19,10 +20,10 @@ from snapc.graph import Graph
 from snapc.manifest import Manifest
 from snapc.models import load_model
 from snapc.pipeline import Pass, PassContext, PassResult, Pipeline, PipelineResult
-from snapc.targets import TARGETS, TargetEntry
+from snapc.targets import TARGETS, TargetEntry, get_target
 
 __all__ = ["CompileOptions", "CompileResult", "Reporter", "NullReporter", "compile_model",
-           "check_quantize", "load_graph", "random_weights_warning"]
+           "check_options", "check_quantize", "load_graph", "random_weights_warning"]
 
 
 class Reporter(Protocol):
@@ -123,7 +124,7 @@ def default_passes(options: CompileOptions) -> list[Pass]:
     if options.remove:
         passes.append(RemoveBlocks(options.remove))
     if options.search is not None:
-        passes.append(SearchBlocks(**options.search))
+        passes.append(_made(SearchBlocks, options.search, "search"))
     # Fusions come after block removal and search: those need the original nodes.
     fusions = fusion_passes(options.fusions)
     if fusions:
@@ -143,13 +144,71 @@ def check_quantize(options: CompileOptions, entry: TargetEntry,
 
     if options.quantize is None:
         return
-    quantize = Quantize(**options.quantize)
+    quantize = _made(Quantize, options.quantize, "quantize")
     quantize.check()
     fp16_build = quantize.scheme == "fp16" and getattr(target_options, "precision", "") == "fp16"
     if quantize.scheme not in entry.quant_schemes and not fp16_build:
         realising = sorted(n for n, e in TARGETS.items() if quantize.scheme in e.quant_schemes)
         raise SnapcError(f"target '{entry.name}' does not realise --quantize {quantize.scheme}; "
                          f"targets that do: {', '.join(realising)}")
+
+
+def _made(cls: type, kwargs: dict, what: str) -> Any:
+    """Return ``cls(**kwargs)``; an argument ``cls`` does not take is a SnapcError naming the
+    valid ones (``what``: the CompileOptions field)."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise SnapcError(f"CompileOptions.{what} has no option {', '.join(unknown)}; valid: "
+                         f"{', '.join(valid)}")
+    return cls(**kwargs)
+
+
+def _check_search(options: CompileOptions) -> None:
+    """Raise SnapcError when the block search of ``options`` cannot run (see
+    SearchBlocks.check), has no budget, or pins a block that ``remove`` removes."""
+    from snapc.passes import SearchBlocks
+
+    search = _made(SearchBlocks, options.search or {}, "search")
+    if search.budget is None and search.budget_ms is None:
+        given = [flag for flag, value in (("--device", search.device), ("--keep", search.keep),
+                                          ("--table", search.table)) if value]
+        what = (f"{', '.join(given)} {'choose' if len(given) > 1 else 'chooses'} blocks by "
+                "search" if given else "block search")
+        raise SnapcError(f"{what}, which needs a latency budget: add --budget F (fraction of "
+                         "the original) or --budget-ms MS")
+    search.check()
+    both = sorted(set(options.remove) & set(search.keep))
+    if both:
+        raise SnapcError(f"block {both[0]} is both removed (--remove) and pinned (--keep); "
+                         "drop one of the two")
+
+
+def check_options(options: CompileOptions) -> tuple[TargetEntry, Any]:
+    """Raise SnapcError naming the fix for anything in ``options`` that is wrong without
+    looking at the model: the target and its options, batch and latent sizes, the fusion
+    names, the block search (device, budget, table, pinned blocks), the quantization and the
+    output folder. Return the target entry and its options object.
+
+    compile_model runs it first, before loading anything; block and model names need the
+    model and are checked when it is loaded.
+    """
+    from snapc.passes import fusion_passes
+
+    entry = get_target(options.target)
+    target_options = entry.make_options(**options.target_options)
+    if hasattr(target_options, "check"):
+        target_options.check()
+    if options.batch < 1:
+        raise SnapcError(f"--batch {options.batch}: give a batch size >= 1")
+    if options.latent is not None and options.latent < 1:
+        raise SnapcError(f"--latent {options.latent}: give a latent height/width >= 1")
+    fusion_passes(options.fusions)
+    if options.search is not None:
+        _check_search(options)
+    check_quantize(options, entry, target_options)
+    check_output_dir(options.out, options.force)
+    return entry, target_options
 
 
 # Which lowering a target needs after fusion: ONNX has kernels for the fused ops, Core ML wants
@@ -181,18 +240,12 @@ def compile_model(
 ) -> CompileResult:
     """Compile ``options.model`` for ``options.target`` into ``options.out``; return the result.
 
-    ``passes`` replaces the passes derived from the options. The artifact folder appears only
+    ``passes`` replaces the passes derived from the options. The options are checked first
+    (:func:`check_options`), before the model is loaded. The artifact folder appears only
     when everything, verification included, succeeded.
     """
-    from snapc.targets import get_target
-
     reporter = reporter or NullReporter()
-    entry = get_target(options.target)
-    target_options = entry.make_options(**options.target_options)
-    if hasattr(target_options, "check"):
-        target_options.check()
-    check_quantize(options, entry, target_options)
-    check_output_dir(options.out, options.force)
+    entry, target_options = check_options(options)
     timings: dict[str, float] = {}
 
     reporter.stage("load model")
