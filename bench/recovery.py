@@ -1,0 +1,184 @@
+"""Recovery distillation on `shapes`: snapc's search pick vs random sets vs BK-SDM-Small.
+
+For each budget (a fraction of the predicted ``iphone14pro-ane`` latency) and method, the
+removed set is scored as removed and after the same minutes of recovery distillation (1000
+validation prompts, 25 DDIM steps, CFG 3). Rows are appended to ``bench/out/recovery.json``
+as each finishes, so a run split over sessions resumes where it stopped (rows already there
+are skipped)::
+
+    python bench/recovery.py --budgets 0.5 --methods snapc bk-sdm-small --minutes 2.5
+    python bench/recovery.py --budgets 0.3 0.5 0.7 --methods random --minutes 2.5
+    python bench/recovery.py --plot            # table + PNG for bench/RESULTS.md
+
+Methods: ``snapc`` (snapc distill's own flow: block search with the full metric, optionally
+after robust training, then recovery), ``random`` (3 seeded random sets meeting the budget),
+``bk-sdm-small`` (BK-SDM-Small's rule, at its own budget). ``--save NAME=DIR`` keeps a
+recovered folder (e.g. ``snapc@0.5=out/shapes-small``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from snapc.artifacts import atomic_output_file  # noqa: E402
+
+OUT = REPO / "bench" / "out" / "recovery.json"
+DEVICE = "iphone14pro-ane"
+# BK-SDM-Small on the shapes layout: the second ResNet (+ attention) of every down stage, the
+# middle one of every up stage, and the whole mid block (13 blocks).
+BK_SDM_SMALL = (
+    "down_blocks.0.resnets.1", "down_blocks.1.resnets.1", "down_blocks.1.attentions.1",
+    "down_blocks.2.resnets.1", "down_blocks.2.attentions.1",
+    "mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1",
+    "up_blocks.0.resnets.1", "up_blocks.0.attentions.1", "up_blocks.1.resnets.1",
+    "up_blocks.1.attentions.1", "up_blocks.2.resnets.1",
+)
+
+
+def _load_rows() -> list[dict]:
+    return json.loads(OUT.read_text())["rows"] if OUT.is_file() else []
+
+
+def _write_rows(rows: list[dict], machine: str) -> None:
+    with atomic_output_file(OUT) as tmp:
+        tmp.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+
+
+def _latency(graph, cost, removed) -> float:
+    from snapc.passes import remove_blocks
+
+    pruned, _ = remove_blocks(graph, removed)
+    return cost.estimate_graph(pruned).total_ms
+
+
+def _random_set(graph, cost, budget: float, seed: int) -> list[str]:
+    """Return blocks in a seeded random order, added until the predicted latency fits."""
+    names = [b.name for b in graph.blocks if b.removable]
+    random.Random(seed).shuffle(names)
+    target = budget * cost.estimate_graph(graph).total_ms
+    chosen: list[str] = []
+    for name in names:
+        chosen.append(name)
+        if _latency(graph, cost, chosen) <= target:
+            return chosen
+    raise SystemExit(f"budget {budget} cannot be met")
+
+
+def _evaluate(unet, device: str, prompts: int) -> dict:
+    from snapc.quality import evaluate, load_feature_classifier, validation_codes
+    from snapc.shapes.model import load_text_encoder
+
+    codes = validation_codes(prompts)
+    scores = evaluate(unet.to(device).eval(), load_text_encoder().to(device),
+                      load_feature_classifier().to(device), codes=codes, device=device)
+    return {"adherence": scores["adherence"], "fd": scores["fd"]}
+
+
+def _recover(key: str, removed: list[str] | None, budget: float | None, args) -> tuple:
+    """Run snapc distill's flow; return (folder, record)."""
+    from snapc.train import RecoveryLoss, RecoveryOptions, RobustOptions, TrainOptions
+    from snapc.train import distill_recovery
+
+    folder = REPO / "bench" / "out" / "recovery" / key.replace("@", "_")
+    robust = RobustOptions(minutes=args.robust_minutes) if budget is not None and \
+        args.robust_minutes else RobustOptions()
+    options = RecoveryOptions(model="shapes", out=folder, remove=tuple(removed or ()),
+                              device=DEVICE if removed is None else None,
+                              budget=budget if removed is None else None, force=True,
+                              robust=robust, name=key, search_prompts=args.search_prompts)
+    train = TrainOptions(minutes=args.minutes, batch=args.batch, lr=args.lr,
+                         warmup=100, ema=0.995, seed=0, device=args.device,
+                         checkpoint_every=10_000, log_every=50)
+    record = distill_recovery(options, train, RecoveryLoss(feature_kd=args.feature_kd),
+                              report=lambda m: print(f"  {m}", flush=True))
+    return folder, record
+
+
+def run(args) -> None:
+    from snapc.compiler import load_graph
+    from snapc.cost import CostModel
+    from snapc.pruned import load_pruned_unet, skip_blocks
+    from snapc.shapes.model import load_unet
+
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    rows = _load_rows()
+    done = {(r["budget"], r["method"], r.get("seed")) for r in rows}
+    graph = load_graph("shapes")
+    cost = CostModel(DEVICE, dtype="fp16")
+    original_ms = cost.estimate_graph(graph).total_ms
+    saves = dict(s.split("=", 1) for s in args.save)
+    jobs = []
+    for budget in args.budgets:
+        for method in args.methods:
+            if method == "random":
+                jobs += [(budget, method, seed) for seed in range(args.random_sets)]
+            elif method == "bk-sdm-small":
+                jobs.append((round(_latency(graph, cost, list(BK_SDM_SMALL)) / original_ms, 3),
+                             method, None))
+            else:
+                jobs.append((budget, method, None))
+    for budget, method, seed in dict.fromkeys(jobs):
+        if (budget, method, seed) in done:
+            print(f"skip {method} @ {budget} (seed {seed}): in {OUT.name}", flush=True)
+            continue
+        key = f"{method}@{budget}" + (f"-{seed}" if seed is not None else "")
+        print(f"== {key}", flush=True)
+        start = time.perf_counter()
+        if method == "snapc":
+            folder, record = _recover(key, None, budget, args)
+            removed = record["removed_blocks"]
+        else:
+            removed = (list(BK_SDM_SMALL) if method == "bk-sdm-small"
+                       else _random_set(graph, cost, budget, seed))
+            folder, record = _recover(key, removed, None, args)
+        before = _evaluate(skip_blocks(load_unet(), removed), args.device, args.prompts)
+        after = _evaluate(load_pruned_unet(folder), args.device, args.prompts)
+        row = {"budget": budget, "method": method, "seed": seed,
+               "latency_ms": round(_latency(graph, cost, removed), 3),
+               "original_ms": round(original_ms, 3), "blocks_removed": len(removed),
+               "removed": removed, "adherence_before": before["adherence"],
+               "fd_before": before["fd"], "adherence": after["adherence"], "fd": after["fd"],
+               "gpu_minutes": round(record["train_seconds"] / 60, 2),
+               "robust_minutes": args.robust_minutes if method == "snapc" else 0.0,
+               "search_seconds": (record.get("search") or {}).get("seconds"),
+               "steps": record["steps"], "wall_seconds": round(time.perf_counter() - start, 1),
+               "prompts": args.prompts, "machine": machine}
+        rows.append(row)
+        _write_rows(rows, machine)
+        print(json.dumps({k: v for k, v in row.items() if k != "removed"}), flush=True)
+        if key in saves:
+            import shutil
+
+            shutil.copytree(folder, saves[key], dirs_exist_ok=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", type=float, nargs="*", default=[0.3, 0.5, 0.7])
+    p.add_argument("--methods", nargs="*", default=["snapc", "random", "bk-sdm-small"])
+    p.add_argument("--random-sets", type=int, default=3)
+    p.add_argument("--minutes", type=float, default=2.5, help="recovery minutes per model")
+    p.add_argument("--robust-minutes", type=float, default=0.0)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--feature-kd", type=float, default=1.0)
+    p.add_argument("--prompts", type=int, default=1000)
+    p.add_argument("--search-prompts", type=int, default=100)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--save", nargs="*", default=[], help="KEY=DIR: keep a recovered folder")
+    args = p.parse_args()
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
