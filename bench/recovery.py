@@ -86,8 +86,13 @@ def _evaluate(unet, device: str, prompts: int) -> dict:
 
 def _recover(key: str, removed: list[str] | None, budget: float | None, args) -> tuple:
     """Run snapc distill's flow; return (folder, record)."""
-    from snapc.train import RecoveryLoss, RecoveryOptions, RobustOptions, TrainOptions
-    from snapc.train import distill_recovery
+    from snapc.train import (
+        RecoveryLoss,
+        RecoveryOptions,
+        RobustOptions,
+        TrainOptions,
+        distill_recovery,
+    )
 
     folder = REPO / "bench" / "out" / "recovery" / key.replace("@", "_")
     robust = RobustOptions(minutes=args.robust_minutes) if budget is not None and \
@@ -162,6 +167,44 @@ def run(args) -> None:
             shutil.copytree(folder, saves[key], dirs_exist_ok=True)
 
 
+def plot(path: Path) -> str:
+    """Draw adherence vs predicted latency before and after recovery; return a markdown table."""
+    import matplotlib.pyplot as plt
+
+    from snapc.plots import save_figure
+
+    rows = sorted(_load_rows(), key=lambda r: (r["budget"], r["method"], r.get("seed") or 0))
+    colours = {"snapc": "tab:red", "random": "tab:gray", "bk-sdm-small": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, colour in colours.items():
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        x = [r["latency_ms"] for r in mine]
+        ax.scatter(x, [r["adherence_before"] for r in mine], facecolors="none",
+                   edgecolors=colour, label=f"{method}, as removed")
+        ax.scatter(x, [r["adherence"] for r in mine], color=colour,
+                   label=f"{method}, recovered")
+    if rows:
+        ax.axvline(rows[0]["original_ms"], color="k", lw=0.5, ls=":")
+        ax.axhline(0.934, color="k", lw=0.5, ls="--", label="shapes (0.934)")
+    ax.set_xlabel("predicted iphone14pro-ane latency (ms, fp16)")
+    ax.set_ylabel("prompt adherence (1000 prompts)")
+    ax.set_title("Block removal on shapes: before and after recovery distillation")
+    ax.legend(fontsize=7, loc="lower right")
+    save_figure(fig, path)
+    lines = ["| budget | method | latency ms | blocks | as removed | recovered | FD | "
+             "GPU-min (robust) | search s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        method = r["method"] + (f" #{r['seed']}" if r.get("seed") is not None else "")
+        search = f"{r['search_seconds']:.0f}" if r.get("search_seconds") else "-"
+        lines.append(f"| {r['budget']} | {method} | {r['latency_ms']:.2f} | "
+                     f"{r['blocks_removed']} | {r['adherence_before']:.3f} | "
+                     f"**{r['adherence']:.3f}** | {r['fd']:.1f} | {r['gpu_minutes']:.1f} "
+                     f"({r.get('robust_minutes', 0):.1f}) | {search} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", type=float, nargs="*", default=[0.3, 0.5, 0.7])
@@ -176,7 +219,12 @@ def main() -> None:
     p.add_argument("--search-prompts", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--save", nargs="*", default=[], help="KEY=DIR: keep a recovered folder")
+    p.add_argument("--plot", action="store_true",
+                   help="print the table and draw bench/recovery_front.png from the rows")
     args = p.parse_args()
+    if args.plot:
+        print(plot(REPO / "bench" / "recovery_front.png"))
+        return
     run(args)
 
 
