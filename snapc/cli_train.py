@@ -89,7 +89,8 @@ def distill_command(
     = 1.0,
     feature_weight: Annotated[float, typer.Option(
         help="weight of MSE to the teacher's stage outputs")] = 1.0,
-    caption_dropout: Annotated[float, typer.Option(help="fraction of empty captions")] = 0.1,
+    caption_dropout: Annotated[float | None, typer.Option(
+        help="fraction of empty captions (default 0.1; step distillation 0)")] = None,
     conditioning: Annotated[Path | None, typer.Option(
         help="data-free: .safetensors with encoder_hidden_states (N, L, D) [+ uncond]")] = None,
     pool: Annotated[int, typer.Option(
@@ -103,12 +104,52 @@ def distill_command(
     arch: Annotated[str | None, typer.Option(help="architecture of a bare weights file")]
     = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the training record")] = False,
+    sampling_steps: Annotated[int | None, typer.Option(
+        help="step distillation: a student sampling in N steps with guidance built in")] = None,
+    guidance: Annotated[float | None, typer.Option(
+        help="step distillation: CFG scale baked in (default: the model's, else 3)")] = None,
+    start_steps: Annotated[int | None, typer.Option(
+        help="step distillation: round 1's teacher steps, N x a power of two (default 32)")]
+    = None,
+    steps_per_round: Annotated[int | None, typer.Option(
+        help="step distillation: training steps of each round")] = None,
+    minutes_per_round: Annotated[float | None, typer.Option(
+        help="step distillation: training minutes of each round")] = None,
+    keep_rounds: Annotated[bool, typer.Option(
+        help="step distillation: also write each round's student (rounds/<n>-steps/)")]
+    = False,
 ) -> None:
-    """Remove blocks and win the quality back by distillation from the original model.
+    """Remove blocks and win the quality back by distillation from the original model, or
+    distil a model to fewer sampling steps with guidance built in (--sampling-steps).
 
     Name the blocks (--remove) or let block search pick them for a latency budget (--device,
-    --budget), optionally after robust training (--robust-minutes). Writes a folder that
-    `snapc compile`, `snapc evaluate` and diffusers (snapc.pruned.load_pruned_unet) load."""
+    --budget), optionally after robust training (--robust-minutes). With --sampling-steps N,
+    progressive rounds halve the steps from --start-steps down to N (recover first, then
+    distil the recovered folder). Writes a folder that `snapc compile`, `snapc evaluate` and
+    diffusers (snapc.pruned.load_pruned_unet) load."""
+    from snapc.cli_steps import check_mode, run_step_distillation
+
+    try:
+        stepping = check_mode(
+            sampling_steps,
+            {"--remove": remove, "--budget": budget, "--device": device, "--keep": keep,
+             "--steps": steps, "--minutes": minutes, "--robust-steps": robust_steps,
+             "--robust-minutes": robust_minutes, "--conditioning": conditioning,
+             "--arch": arch},
+            {"--guidance": guidance, "--start-steps": start_steps,
+             "--steps-per-round": steps_per_round, "--minutes-per-round": minutes_per_round,
+             "--keep-rounds": keep_rounds})
+    except SnapcError as exc:
+        fail(exc)
+    if stepping:
+        run_step_distillation(
+            model=model, output=output, sampling_steps=sampling_steps, guidance=guidance,
+            start_steps=start_steps, steps_per_round=steps_per_round,
+            minutes_per_round=minutes_per_round, keep_rounds=keep_rounds,
+            train_device=train_device, batch=batch, lr=lr, warmup=warmup, ema=ema,
+            caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, seed=seed,
+            name=name, resume=resume, force=force, json_out=json_out, bar=_TrainBar)
+        return
     from snapc.train import (
         RecoveryLoss,
         RecoveryOptions,
@@ -126,7 +167,7 @@ def distill_command(
                                  warmup=warmup, ema=ema, seed=seed, device=train_device,
                                  checkpoint_every=checkpoint_every)
     loss = RecoveryLoss(task=task_weight, output_kd=kd_weight, feature_kd=feature_weight,
-                        caption_dropout=caption_dropout)
+                        caption_dropout=0.1 if caption_dropout is None else caption_dropout)
     main = int(os.environ.get("RANK", "0")) == 0
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -73,6 +73,7 @@ class Manifest:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     files: dict[str, str]
+    sampler: dict[str, Any] | None = None  # the model's stored sampler (also in model.sampler)
     target_options: dict[str, Any] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] = field(default_factory=dict)
@@ -83,8 +84,10 @@ class Manifest:
 
     @classmethod
     def for_graph(cls, graph: Graph, target: str, **kwargs: Any) -> Manifest:
-        """Return a manifest pre-filled with the graph's model info, inputs and output, and
-        (when the graph has quantization records) its per-layer quantization choices."""
+        """Return a manifest pre-filled with the graph's model info, inputs and output, the
+        sampler stored with the weights (a step-distilled model's steps, guidance, spacing;
+        None for the base protocol) and, when the graph has quantization records, its
+        per-layer quantization choices."""
         out_val = torch.empty(graph.output_shape(), dtype=torch.float32)
         if graph.quant and "quantization" not in kwargs:
             kwargs["quantization"] = quantization_summary(graph.quant)
@@ -94,7 +97,7 @@ class Manifest:
                    "params": graph.param_count()},
             inputs=tensor_specs(graph.input_names, graph.example_inputs),
             outputs=tensor_specs(("noise_pred",), (out_val,)),
-            **kwargs,
+            **{"sampler": graph.source.sampler, **kwargs},
         )
 
     def to_json(self) -> dict[str, Any]:
