@@ -9,14 +9,15 @@ from snapc.graph import Graph
 __all__ = ["calibration_inputs", "alphas_cumprod_for", "to_x0"]
 
 
-def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Return ``n`` calibration triples batched along dim 0.
 
     For the trained ``shapes`` model these are noised training images with their captions'
     text states (snapc.quality.calibration_triples). For other models (random weights, user
     UNets without a text encoder) they are seeded Gaussian latents and text states of the
-    graph's shapes with timesteps spread evenly over [0, 1000).
+    graph's shapes with timesteps spread evenly over [0, 1000). A graph with more inputs (SDXL's
+    ``text_embeds``, ``time_ids``) gets them after the triple: Gaussian pooled text embeds and
+    the example's size / crop ids.
     """
     if n < 1:
         raise ValueError("need at least one calibration triple")
@@ -30,7 +31,11 @@ def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0
     latents = torch.randn((n, *sample.shape[1:]), generator=gen)
     timesteps = (torch.arange(n, dtype=torch.float32) + 0.5) * (1000.0 / n)
     texts = torch.randn((n, *context.shape[1:]), generator=gen)
-    return latents, timesteps, texts
+    extra = tuple(
+        example[:1].repeat(n, *([1] * (example.dim() - 1))) if name == "time_ids"
+        else torch.randn((n, *example.shape[1:]), generator=gen)
+        for name, example in zip(graph.input_names[3:], graph.example_inputs[3:], strict=True))
+    return (latents, timesteps, texts, *extra)
 
 
 def alphas_cumprod_for(graph: Graph) -> torch.Tensor:

@@ -266,9 +266,11 @@ def inspect(
     from snapc.inspect import block_report
 
     try:
-        random_named = model in ("sd15", "sd21-base", "tiny")
+        from snapc.models import MODELS
+
+        # registered names build on the meta device (shapes-family weights load on the CPU)
         graph = load_graph(model, arch=arch, batch=batch, latent=latent,
-                           device="meta" if random_named and arch is None else "cpu")
+                           device="meta" if model in MODELS and arch is None else "cpu")
     except SnapcError as exc:
         fail(exc)
     report = block_report(graph)

@@ -18,8 +18,9 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 ModelArg = Annotated[str, typer.Argument(
-    help="registered name (sd15, sd21-base, tiny, shapes), a diffusers UNet folder, "
-         "or a .safetensors file with --arch")]
+    help="registered name (sd15, sd21-base, sdxl, tiny, shapes; see `snapc models`), a "
+         "diffusers UNet or pipeline folder, an original SD checkpoint (.safetensors), or a "
+         ".safetensors file with --arch")]
 
 
 def fail(exc: SnapcError) -> NoReturn:

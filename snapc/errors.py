@@ -11,6 +11,7 @@ __all__ = [
     "UnsupportedOpsError",
     "BudgetError",
     "ToolMissingError",
+    "TraceError",
 ]
 
 
@@ -63,3 +64,7 @@ class BudgetError(SnapcError):
 
 class ToolMissingError(SnapcError):
     """An optional dependency or external tool (compiler, runtime) is missing."""
+
+
+class TraceError(SnapcError):
+    """A model that torch.export cannot trace; names the module (class and path) that failed."""

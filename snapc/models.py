@@ -278,7 +278,8 @@ MODELS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("tiny", "small SD-shaped UNet for tests (random weights)",
                       _random_unet("tiny", TINY_CONFIG), TINY_CONFIG),
     "tiny-xl": ModelSpec("tiny-xl", "small SDXL-shaped UNet with added conditioning for tests "
-                         "(random weights)", _random_unet("tiny-xl", TINY_XL_CONFIG), TINY_XL_CONFIG),
+                         "(random weights)", _random_unet("tiny-xl", TINY_XL_CONFIG),
+                         TINY_XL_CONFIG),
     "shapes": ModelSpec("shapes", "trained 32x32 text-to-image reference model (shipped)",
                         _shapes),
     "shapes-small": ModelSpec(
