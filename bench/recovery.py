@@ -100,7 +100,9 @@ def _recover(key: str, removed: list[str] | None, budget: float | None, args) ->
     options = RecoveryOptions(model="shapes", out=folder, remove=tuple(removed or ()),
                               device=DEVICE if removed is None else None,
                               budget=budget if removed is None else None, force=True,
-                              robust=robust, name=key, search_prompts=args.search_prompts)
+                              robust=robust, name=key, search_prompts=args.search_prompts,
+                              screen=args.screen if removed is None else 0,
+                              screen_minutes=args.screen_minutes if args.screen else None)
     train = TrainOptions(minutes=args.minutes, batch=args.batch, lr=args.lr,
                          warmup=100, ema=0.995, seed=0, device=args.device,
                          checkpoint_every=10_000, log_every=50)
@@ -146,6 +148,7 @@ def run(args) -> None:
             removed = (list(BK_SDM_SMALL) if method == "bk-sdm-small"
                        else _random_set(graph, cost, budget, seed))
             folder, record = _recover(key, removed, None, args)
+        screening = ((record.get("search") or {}).get("screening") or {}).get("candidates", [])
         before = _evaluate(skip_blocks(load_unet(), removed), args.device, args.prompts)
         after = _evaluate(load_pruned_unet(folder), args.device, args.prompts)
         row = {"budget": budget, "method": method, "seed": seed,
@@ -155,6 +158,8 @@ def run(args) -> None:
                "fd_before": before["fd"], "adherence": after["adherence"], "fd": after["fd"],
                "gpu_minutes": round(record["train_seconds"] / 60, 2),
                "robust_minutes": args.robust_minutes if method == "snapc" else 0.0,
+               "screen_minutes": round(sum(c["seconds"] for c in screening) / 60, 2),
+               "screening": screening,
                "search_seconds": (record.get("search") or {}).get("seconds"),
                "steps": record["steps"], "wall_seconds": round(time.perf_counter() - start, 1),
                "prompts": args.prompts, "machine": machine}
@@ -212,6 +217,9 @@ def main() -> None:
     p.add_argument("--random-sets", type=int, default=3)
     p.add_argument("--minutes", type=float, default=2.5, help="recovery minutes per model")
     p.add_argument("--robust-minutes", type=float, default=0.0)
+    p.add_argument("--screen", type=int, default=0,
+                   help="snapc: random sets screened beside the search pick")
+    p.add_argument("--screen-minutes", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--feature-kd", type=float, default=1.0)

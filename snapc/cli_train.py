@@ -24,10 +24,10 @@ from rich.progress import (
 from snapc.cli_common import ModelArg, err, fail, out, show_warnings
 from snapc.errors import SnapcError
 
-__all__ = ["distill_command"]
+__all__ = ["distill_command", "TrainBar"]
 
 
-class _TrainBar:
+class TrainBar:
     """A rich progress bar per training phase: step, loss and time left."""
 
     def __init__(self) -> None:
@@ -37,7 +37,7 @@ class _TrainBar:
             TextColumn("left {task.fields[left]}"), console=err, transient=False)
         self.tasks: dict[str, int] = {}
 
-    def __enter__(self) -> _TrainBar:
+    def __enter__(self) -> TrainBar:
         self.progress.start()
         return self
 
@@ -78,6 +78,13 @@ def distill_command(
     robust_minutes: Annotated[float | None, typer.Option(
         help="robust-training minutes before the search (SnapFusion's architecture evolution)")]
     = None,
+    screen: Annotated[int, typer.Option(
+        help="also screen N random sets meeting the budget: each candidate (the search's pick "
+             "and these) is recovered briefly and the best one recovered in full")] = 0,
+    screen_steps: Annotated[int | None, typer.Option(help="steps of each screening run")]
+    = None,
+    screen_minutes: Annotated[float | None, typer.Option(
+        help="minutes of each screening run")] = None,
     train_device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     batch: Annotated[int, typer.Option(help="global batch (split over torchrun processes)")]
     = 64,
@@ -135,7 +142,8 @@ def distill_command(
             {"--remove": remove, "--budget": budget, "--device": device, "--keep": keep,
              "--steps": steps, "--minutes": minutes, "--robust-steps": robust_steps,
              "--robust-minutes": robust_minutes, "--conditioning": conditioning,
-             "--arch": arch},
+             "--arch": arch, "--screen": screen or None, "--screen-steps": screen_steps,
+             "--screen-minutes": screen_minutes},
             {"--guidance": guidance, "--start-steps": start_steps,
              "--steps-per-round": steps_per_round, "--minutes-per-round": minutes_per_round,
              "--keep-rounds": keep_rounds})
@@ -148,7 +156,7 @@ def distill_command(
             minutes_per_round=minutes_per_round, keep_rounds=keep_rounds,
             train_device=train_device, batch=batch, lr=lr, warmup=warmup, ema=ema,
             caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, seed=seed,
-            name=name, resume=resume, force=force, json_out=json_out, bar=_TrainBar)
+            name=name, resume=resume, force=force, json_out=json_out, bar=TrainBar)
         return
     from snapc.train import (
         RecoveryLoss,
@@ -162,7 +170,8 @@ def distill_command(
         model=model, out=output, remove=tuple(remove or ()), device=device, budget=budget,
         keep=tuple(keep or ()), name=name, conditioning=conditioning, pool=pool, force=force,
         resume=resume, arch=arch, robust=RobustOptions(steps=robust_steps,
-                                                       minutes=robust_minutes))
+                                                       minutes=robust_minutes),
+        screen=screen, screen_steps=screen_steps, screen_minutes=screen_minutes)
     train_options = TrainOptions(steps=steps, minutes=minutes, batch=batch, lr=lr,
                                  warmup=warmup, ema=ema, seed=seed, device=train_device,
                                  checkpoint_every=checkpoint_every)
@@ -175,7 +184,7 @@ def distill_command(
             options.check()
             train_options.check()
             loss.check()
-            with _TrainBar() as bar:
+            with TrainBar() as bar:
                 record = distill_recovery(options, train_options, loss,
                                           progress=bar.update if main else None,
                                           report=bar.stage if main else lambda _: None)

@@ -67,6 +67,9 @@ class RecoveryOptions:
     resume: bool = False
     arch: str | None = None
     robust: RobustOptions = field(default_factory=RobustOptions)
+    screen: int = 0  # random sets screened by a short recovery beside the search's pick
+    screen_steps: int | None = None
+    screen_minutes: float | None = None
 
     def check(self) -> None:
         """Raise SnapcError for option combinations that cannot work (before any loading)."""
@@ -85,10 +88,24 @@ class RecoveryOptions:
         if self.robust.enabled and self.budget is None:
             raise SnapcError("robust training serves the block search: use it with --device "
                              "and --budget, not with --remove")
+        if self.screen:
+            if self.budget is None:
+                raise SnapcError("--screen compares removed sets for a budget: use it with "
+                                 "--device and --budget")
+            if self.screen < 0 or (self.screen_steps is None and self.screen_minutes is None):
+                raise SnapcError("--screen N needs N >= 1 and a screening length: "
+                                 "--screen-steps S or --screen-minutes M")
         if not self.resume:
             check_output_dir(self.out, self.force)
         if self.conditioning is not None and not self.conditioning.is_file():
             raise SnapcError(f"conditioning file not found: {self.conditioning}")
+
+
+def _resuming(options: RecoveryOptions, folder: Path) -> bool:
+    """Whether a phase resumes: asked to, and the phase had written a checkpoint."""
+    from snapc.train.checkpoint import latest_checkpoint
+
+    return options.resume and latest_checkpoint(folder) is not None
 
 
 def checkpoint_folder(out: Path) -> Path:
@@ -154,13 +171,78 @@ def _robust_phase(loaded: Any, options: RecoveryOptions, train_options: TrainOpt
                             drop_rates=options.robust.drop_rates, seed=train_options.seed)
     robust_options = TrainOptions(**{**asdict(train_options), "steps": options.robust.steps,
                                      "minutes": options.robust.minutes})
-    train(method, robust_options, folder / "robust", world=world, resume=options.resume,
+    train(method, robust_options, folder / "robust", world=world,
+          resume=_resuming(options, folder / "robust"),
           progress=None if progress is None else lambda p: progress("robust", p))
     robust = method.trained_unet()
     if world.main:
         save_file({k: v.contiguous().cpu() for k, v in robust.state_dict().items()}, str(done))
     world.barrier()
     return robust
+
+
+def _screen(loaded: Any, options: RecoveryOptions, train_options: TrainOptions,
+            loss: RecoveryLoss, world: World, folder: Path, chosen: list[str],
+            start: nn.Module | None, progress: Progress | None) -> tuple:
+    """Recover each candidate set briefly, score it; return the best set, its screened
+    student (the start of the full recovery) and the screening table."""
+    from snapc.cost import CostModel
+    from snapc.frontend import trace
+    from snapc.models import is_shapes_family
+    from snapc.train.recovery import RecoveryDistillation
+    from snapc.train.screening import (
+        Candidate,
+        adherence_score,
+        predicted_latency,
+        random_sets,
+    )
+
+    teacher = loaded.module
+    base = loaded.info.base or loaded.info.name
+    graph = trace(teacher.cpu().eval(), loaded.example_inputs, loaded.info)
+    dtype = "fp32" if options.device == "local-cpu" else "fp16"  # as SearchBlocks
+    cost = CostModel(options.device, dtype=dtype)
+    target = options.budget * cost.estimate_graph(graph).total_ms
+    candidates = [Candidate("search", tuple(chosen), predicted_latency(graph, cost, chosen))]
+    candidates += random_sets(graph, cost, target, options.screen, train_options.seed,
+                              options.keep)
+    shapes = is_shapes_family(base)
+    score_fn = adherence_score(options.search_prompts, options.search_steps) if shapes else None
+    screen_options = TrainOptions(**{**asdict(train_options), "steps": options.screen_steps,
+                                     "minutes": options.screen_minutes})
+    table, students = [], []
+    for i, candidate in enumerate(candidates):
+        sub = folder / f"screen-{i}"
+        data = _data_source(base, teacher, loaded.example_inputs, options, train_options, loss,
+                            loaded.info.random_weights, world.device)
+        method = RecoveryDistillation(teacher, candidate.removed, data, loss, start=start)
+        done = sub / "screened.pt"
+        if done.is_file():  # screened before a kill
+            saved = torch.load(done, map_location="cpu", weights_only=False)
+            method.student.load_state_dict(saved["student"])
+            score, seconds = saved["score"], saved["seconds"]
+        else:
+            result = train(method, screen_options, sub, world=world,
+                           resume=_resuming(options, sub),
+                           progress=None if progress is None else
+                           lambda p, i=i: progress(f"screen {i}", p))
+            if shapes:
+                score = score_fn(method.student, world.device)
+            else:
+                held = [method.batch(10**7 + k, world) for k in range(2)]
+                with torch.no_grad():
+                    score = sum(method.loss(method.student, b)[0].item() for b in held) / 2
+            seconds = result.seconds
+            if world.main:
+                torch.save({"student": method.student.state_dict(), "score": score,
+                            "seconds": seconds}, done)
+            world.barrier()
+        table.append({**candidate.to_json(), "score": score, "seconds": round(seconds, 1)})
+        students.append(method.student)
+    best = min(range(len(table)), key=lambda k: table[k]["score"])
+    return list(candidates[best].removed), students[best], {
+        "metric": "1 - adherence" if shapes else "held-out distillation loss",
+        "candidates": table, "chosen": candidates[best].origin}
 
 
 def _copy_module(module: nn.Module) -> nn.Module:
@@ -223,6 +305,11 @@ def distill_recovery(
             if options.robust.enabled and start is None:
                 start = _robust_phase(loaded, options, train_options, loss, world, folder,
                                       progress)
+            if options.screen:
+                report(f"screening {options.screen + 1} removed sets by a short recovery")
+                chosen, start, screening = _screen(loaded, options, train_options, loss, world,
+                                                   folder, chosen, start, progress)
+                search_record["screening"] = screening
         report(f"recovering ({len(chosen)} blocks removed)")
         from snapc.train.recovery import RecoveryDistillation
 
@@ -230,14 +317,14 @@ def distill_recovery(
                             loaded.info.random_weights, world.device)
         method = RecoveryDistillation(teacher, chosen, data, loss, start=start)
         result = train(method, train_options, folder / "recovery", world=world,
-                       resume=options.resume,
+                       resume=_resuming(options, folder / "recovery"),
                        progress=None if progress is None else lambda p: progress("recovery", p))
         record = {**result.record, "model": options.model, "base": base,
                   "removed_blocks": chosen, "random_weights": loaded.info.random_weights,
                   "robust": asdict(options.robust) if options.robust.enabled else None,
                   "search": None if search_record is None else {
                       k: search_record.get(k) for k in ("chosen", "original_ms", "final_ms",
-                                                        "seconds", "budget_ms")},
+                                                        "seconds", "budget_ms", "screening")},
                   "wall_seconds": round(time.perf_counter() - started, 1)}
         if world.main:
             _write_folder(options, loaded, result.student, chosen, record, search_record)
