@@ -40,7 +40,7 @@ from torch import fx
 
 from snapc.graph import Graph
 from snapc.passes import fused_ops  # noqa: F401 - registers torch.ops.snapc
-from snapc.passes.fuse_common import add_weight, apply_rules, fetch, tensor_meta
+from snapc.passes.fuse_common import add_weight, apply_rules, fetch, tensor_meta, weight_owner
 from snapc.passes.rewrite import (
     Alt,
     Hit,
@@ -306,14 +306,15 @@ def _projection(node: object, gm: fx.GraphModule) -> tuple[fx.Node, torch.Tensor
 
 
 def _packed(gm: fx.GraphModule, graph: fx.Graph, x: fx.Node,
-            parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[fx.Node]:
-    """Emit one linear over the concatenated weights of ``parts`` and its split outputs."""
+            parts: list[tuple[torch.Tensor, torch.Tensor | None]], owner: str) -> list[fx.Node]:
+    """Emit one linear over the concatenated weights of ``parts`` and its split outputs; the
+    packed weights are registered in the module ``owner`` (the attention module)."""
     weight = torch.cat([w for w, _ in parts])
     biases = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype) for w, b in parts]
     has_bias = any(b is not None for _, b in parts)
-    args = [x, add_weight(gm, graph, "snapc_packed_weight", weight)]
+    args = [x, add_weight(gm, graph, "snapc_packed_weight", weight, owner=owner)]
     if has_bias:
-        args.append(add_weight(gm, graph, "snapc_packed_bias", torch.cat(biases)))
+        args.append(add_weight(gm, graph, "snapc_packed_bias", torch.cat(biases), owner=owner))
     packed = graph.call_function(aten.linear.default, tuple(args))
     sizes = [int(w.shape[0]) for w, _ in parts]
     split = graph.call_function(aten.split_with_sizes.default, (packed, sizes, -1))
@@ -335,8 +336,9 @@ def _pack_edit(gm: fx.GraphModule, with_query: bool) -> list[Hit]:
         members = [q, k, v] if with_query else [k, v]
         olds = list(node.args[:3]) if with_query else list(node.args[1:3])
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        owner = weight_owner(gm, [old.args[1] for old in olds])
         with gm.graph.inserting_before(min(olds, key=order.__getitem__)):
-            outs = _packed(gm, gm.graph, k[0], [(w, b) for _, w, b in members])
+            outs = _packed(gm, gm.graph, k[0], [(w, b) for _, w, b in members], owner)
         for old, new in zip(olds, outs, strict=True):
             for key in ("nn_module_stack", "stack_trace"):
                 if key in old.meta:

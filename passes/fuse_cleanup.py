@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from snapc.graph import Graph
-from snapc.passes.fuse_common import add_weight, apply_rules, fetch, tensor_meta
+from snapc.passes.fuse_common import add_weight, apply_rules, fetch, tensor_meta, weight_owner
 from snapc.passes.rewrite import Hit, Lit, Match, Op, Rule, RuleSet, Val, module_path
 from snapc.pipeline import PassContext, PassResult, register_pass
 
@@ -129,7 +129,8 @@ def _fold_edit(gm: fx.GraphModule) -> list[Hit]:
         if value.numel() > 2 * max(read, 1) and value.numel() > 64:
             continue
         with graph.inserting_before(node):
-            folded = add_weight(gm, graph, "snapc_folded", value, buffer=True)
+            folded = add_weight(gm, graph, "snapc_folded", value, buffer=True,
+                                owner=weight_owner(gm, _const_leaves(node, const)))
         node.replace_all_uses_with(folded, delete_user_cb=lambda u: u not in const)
         hits.append(Hit("fold_constant", module_path(node), cone[node], folded.name))
     return hits

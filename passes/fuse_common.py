@@ -7,8 +7,10 @@ again with torch.export and checks the new graph against the old one on the exam
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
+from itertools import chain
 
 import torch
 from torch import fx, nn
@@ -19,7 +21,8 @@ from snapc.numerics import Numerics, verify
 from snapc.passes.rewrite import Hit, Rule, rewrite
 from snapc.pipeline import Change, PassContext, PassResult
 
-__all__ = ["MIN_PSNR_DB", "apply_rules", "finish", "fetch", "add_weight", "tensor_meta"]
+__all__ = ["MIN_PSNR_DB", "apply_rules", "finish", "fetch", "add_weight", "weight_owner",
+           "tensor_meta"]
 
 # fp32 fusions reorder a few float operations; 80 dB PSNR (issue 7) leaves room only for that.
 MIN_PSNR_DB = 80.0
@@ -35,19 +38,36 @@ def fetch(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def weight_owner(gm: fx.GraphModule, nodes: Iterable[fx.Node] = ()) -> str:
+    """Return the deepest module path of ``gm`` holding every weight the get_attr ``nodes``
+    read; with none, the one holding all of ``gm``'s weights (the model root, e.g. ``net``)."""
+    weights = [name for name, _ in chain(gm.named_parameters(), gm.named_buffers())]
+    known = set(weights)
+    targets = [str(n.target) for n in nodes if n.op == "get_attr" and str(n.target) in known]
+    targets = targets or weights
+    return ".".join(os.path.commonprefix([t.split(".")[:-1] for t in targets]))
+
+
 def add_weight(gm: fx.GraphModule, graph: fx.Graph, prefix: str, value: torch.Tensor,
-               buffer: bool = False) -> fx.Node:
-    """Register ``value`` as a new parameter (or ``buffer``) of ``gm``; return a get_attr node
-    reading it. ``gm`` is the pass's own unlifted copy, so this edits nobody else's module."""
+               buffer: bool = False, owner: str | None = None) -> fx.Node:
+    """Register ``value`` as a new parameter (or ``buffer``) of the submodule ``owner`` of
+    ``gm`` (default: :func:`weight_owner`, the model root); return a get_attr node reading it.
+
+    New weights live under the model root like the ones they replace: quantization records,
+    block parameter counts and the targets name weights relative to ``Graph.root``. ``gm`` is
+    the pass's own unlifted copy, so this edits nobody else's module.
+    """
+    owner = weight_owner(gm) if owner is None else owner
+    module = gm.get_submodule(owner) if owner else gm
     index = 0
-    while hasattr(gm, f"{prefix}_{index}"):
+    while hasattr(module, f"{prefix}_{index}"):
         index += 1
     name = f"{prefix}_{index}"
     if buffer:
-        gm.register_buffer(name, value.detach().clone())
+        module.register_buffer(name, value.detach().clone())
     else:
-        gm.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
-    return graph.get_attr(name)
+        module.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
+    return graph.get_attr(f"{owner}.{name}" if owner else name)
 
 
 def tensor_meta(node: object) -> torch.Tensor | None:

@@ -70,14 +70,22 @@ def quantizable_layers(gm: fx.GraphModule, root: str = "net", min_elements: int 
                        ) -> dict[str, tuple[str, str]]:
     """Return {weight key: (node name, 'conv'|'linear')} for conv2d/linear nodes of ``gm`` whose
     weight is a parameter with at least ``min_elements`` values (keys drop the ``root.`` prefix).
+
+    Raises SnapcError for such a weight outside ``root``: records name weights under the model
+    root (a pass adding weights must register them there, as fuse_common.add_weight does).
     """
     layers = {}
     for node in gm.graph.nodes:
         kind = _WEIGHTED_OPS.get(node.target) if node.op == "call_function" else None
         weight = node.args[1] if kind else None
         if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            if _attr(gm, weight.target).numel() >= min_elements:
-                layers[weight.target.removeprefix(f"{root}.")] = (node.name, kind)
+            if _attr(gm, weight.target).numel() < min_elements:
+                continue
+            if root and not weight.target.startswith(f"{root}."):
+                raise SnapcError(f"{kind} '{node.name}' reads weight '{weight.target}', which is "
+                                 f"not under the model root '{root}'; the pass that added it "
+                                 "must register it there (passes.fuse_common.add_weight)")
+            layers[weight.target.removeprefix(f"{root}.")] = (node.name, kind)
     return layers
 
 
