@@ -101,6 +101,10 @@ def compile_cmd(
         help="coreml: ane (Neural Engine layout, default) or original (as traced)")] = None,
     coreml_verifier: Annotated[str | None, typer.Option(
         help="coreml: auto (default), interpreter (numpy MIL) or coreml (macOS)")] = None,
+    components: Annotated[str | None, typer.Option(
+        help="compile these components into sub-folders with a top-level manifest: unet, "
+             "text_encoder (comma-separated; default: the UNet alone, as one artifact)")]
+    = None,
 ) -> None:
     """Compile MODEL for a target; exit 0 only when the artifact verified.
 
@@ -134,6 +138,8 @@ def compile_cmd(
             raise SnapcError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
                              "only to the coreml targets (coreml, coreml-palette6), not "
                              f"--target {target}")
+        if components is not None:
+            return _compile_components(options, components, None)
         with RichReporter(err) as reporter:
             result = compile_model(options, reporter=reporter)
     except SnapcError as exc:
@@ -149,6 +155,29 @@ def compile_cmd(
         table.add_row("quantized", _quantization_line(manifest))
     table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     out.print(table)
+
+
+def _compile_components(options, components: str, recover: float | None) -> None:
+    """Run compile_components and print one row per component."""
+    from snapc.components import compile_components, parse_components
+
+    if recover is not None:
+        raise SnapcError("--recover and --components do not combine; recover with snapc "
+                         "distill, then compile its folder with --components")
+    with RichReporter(err) as reporter:
+        result = compile_components(options, parse_components(components), reporter=reporter)
+    table = Table(title=f"snapc compile {options.model} → {options.target} (components)")
+    for column in ("component", "folder", "batch", "verified", "time"):
+        table.add_column(column)
+    for entry in result.manifest["components"]:
+        table.add_row(entry["name"], f"{options.out}/{entry['folder']}", str(entry["batch"]),
+                      _verification_line(result.results[entry["name"]].manifest.verification),
+                      f"{result.timings[entry['name']]:.1f} s")
+    out.print(table)
+    sampler = result.manifest["sampler"]
+    out.print(f"sampler: {sampler['steps']} {sampler['spacing']} DDIM steps, guidance "
+              f"{sampler['guidance']:g}; run it with snapc generate {options.out} --prompt TEXT "
+              "-o DIR", highlight=False)
 
 
 def _verification_line(ver: dict) -> str:
@@ -344,6 +373,15 @@ def _register_train_commands() -> None:
 
 
 _register_train_commands()
+
+
+def _register_generate_command() -> None:
+    from snapc.cli_generate import generate_command
+
+    app.command("generate")(generate_command)
+
+
+_register_generate_command()
 
 
 def main() -> None:
