@@ -101,6 +101,10 @@ def compile_cmd(
         help="coreml: ane (Neural Engine layout, default) or original (as traced)")] = None,
     coreml_verifier: Annotated[str | None, typer.Option(
         help="coreml: auto (default), interpreter (numpy MIL) or coreml (macOS)")] = None,
+    recover: Annotated[float | None, typer.Option(
+        help="with --device/--budget: recover the pruned model by distillation for this many "
+             "minutes before compiling (see `snapc distill`)")] = None,
+    train_device: Annotated[str, typer.Option(help="--recover: auto, cpu or cuda")] = "auto",
     components: Annotated[str | None, typer.Option(
         help="compile these components into sub-folders with a top-level manifest: unet, "
              "text_encoder (comma-separated; default: the UNet alone, as one artifact)")]
@@ -139,9 +143,12 @@ def compile_cmd(
                              "only to the coreml targets (coreml, coreml-palette6), not "
                              f"--target {target}")
         if components is not None:
-            return _compile_components(options, components, None)
-        with RichReporter(err) as reporter:
-            result = compile_model(options, reporter=reporter)
+            return _compile_components(options, components, recover)
+        if recover is not None:
+            result = _recover_then_compile(options, budget, recover, train_device)
+        else:
+            with RichReporter(err) as reporter:
+                result = compile_model(options, reporter=reporter)
     except SnapcError as exc:
         fail(exc)
     manifest = result.manifest
@@ -178,6 +185,47 @@ def _compile_components(options, components: str, recover: float | None) -> None
     out.print(f"sampler: {sampler['steps']} {sampler['spacing']} DDIM steps, guidance "
               f"{sampler['guidance']:g}; run it with snapc generate {options.out} --prompt TEXT "
               "-o DIR", highlight=False)
+
+
+def _recover_then_compile(options, budget: float | None, minutes: float, train_device: str):
+    """Search and recover into a temporary pruned folder (snapc distill's flow), then compile
+    that folder; the recovery record goes into the manifest."""
+    import dataclasses
+    import tempfile
+
+    from snapc.cli_train import TrainBar
+    from snapc.compiler import check_options, compile_model
+    from snapc.train import RecoveryLoss, RecoveryOptions, TrainOptions, distill_recovery
+
+    if options.search is None or budget is None:
+        raise SnapcError("--recover needs --device and --budget (the search picks the blocks "
+                         "it recovers); to recover named blocks use `snapc distill --remove`")
+    if options.remove:
+        raise SnapcError("--recover recovers the search's pick; use `snapc distill --remove` "
+                         "for named blocks, then compile its folder")
+    check_options(options)
+    recovery = RecoveryOptions(model=options.model, out=Path("recovered"),
+                               device=options.search["device"], budget=budget,
+                               keep=options.search["keep"], arch=options.arch,
+                               name=f"{options.model}-recovered")
+    train_options = TrainOptions(minutes=minutes, device=train_device)
+    train_options.check()
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{options.out.name}.recover-",
+                                     dir=options.out.parent) as tmp:
+        recovery = dataclasses.replace(recovery, out=Path(tmp) / "recovered")
+        with TrainBar() as bar:
+            record = distill_recovery(recovery, train_options, RecoveryLoss(),
+                                      progress=bar.update, report=bar.stage)
+        compiled = dataclasses.replace(options, model=str(recovery.out), search=None,
+                                       arch=None)
+        with RichReporter(err) as reporter:
+            result = compile_model(compiled, reporter=reporter)
+    manifest = result.manifest
+    manifest.extra["recovery"] = {k: v for k, v in record.items() if k != "loss_curve"}
+    with atomic_output_file(options.out / "manifest.json") as path:
+        path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    return result
 
 
 def _verification_line(ver: dict) -> str:

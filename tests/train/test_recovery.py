@@ -203,3 +203,10 @@ def test_bad_input_is_a_one_line_error(tmp_path, extra, message):
                  "-o", str(tmp_path / "D"))
     assert message in one_error_line(proc)
     assert not (tmp_path / "D").exists()
+
+
+def test_compile_recover_needs_a_budget(tmp_path):
+    proc = snapc("compile", "tiny", "--target", "onnx", "-o", str(tmp_path / "A"),
+                 "--recover", "1")
+    assert "--recover needs --device and --budget" in one_error_line(proc)
+    assert not (tmp_path / "A").exists()
