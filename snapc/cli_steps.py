@@ -10,13 +10,10 @@ module checks which one was asked for and runs the step-distillation one
 
 from __future__ import annotations
 
-import json
-import os
-import warnings
 from pathlib import Path
 from typing import Any
 
-from snapc.cli_common import err, fail, out, show_warnings
+from snapc.cli_common import out
 from snapc.errors import SnapcError
 
 __all__ = ["STEP_FLAGS", "check_mode", "run_step_distillation"]
@@ -57,11 +54,8 @@ def run_step_distillation(*, model: str, output: Path, sampling_steps: int,
                           keep_rounds: bool, train_device: str, batch: int, lr: float,
                           warmup: int, ema: float, caption_dropout: float | None,
                           checkpoint_every: int, seed: int, name: str | None, resume: bool,
-                          force: bool, json_out: bool, bar: Any) -> None:
-    """Run `snapc distill MODEL --sampling-steps N` and print its result (or one error line).
-
-    ``bar`` is the progress-bar class of `snapc distill` (a context manager with ``update``
-    and ``stage``)."""
+                          force: bool, json_out: bool) -> None:
+    """Run `snapc distill MODEL --sampling-steps N` and print its result (or one error line)."""
     from snapc.train import StepLoss, StepOptions, TrainOptions, distill_steps
 
     loss = StepLoss(caption_dropout=0.0 if caption_dropout is None else caption_dropout)
@@ -71,33 +65,22 @@ def run_step_distillation(*, model: str, output: Path, sampling_steps: int,
     train_options = TrainOptions(steps=steps_per_round, minutes=minutes_per_round, batch=batch,
                                  lr=lr, warmup=warmup, ema=ema, seed=seed, device=train_device,
                                  checkpoint_every=checkpoint_every)
-    main = int(os.environ.get("RANK", "0")) == 0
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            if train_options.steps is None and train_options.minutes is None:
-                raise SnapcError("give each round a length: --steps-per-round K or "
-                                 "--minutes-per-round M")
-            if steps_per_round is not None and steps_per_round < 1:
-                raise SnapcError(f"--steps-per-round must be >= 1, not {steps_per_round}")
-            if minutes_per_round is not None and not minutes_per_round > 0:
-                raise SnapcError(f"--minutes-per-round must be > 0, not {minutes_per_round}")
-            options.check()
-            train_options.check()
-            with bar() as progress:
-                record = distill_steps(options, train_options,
-                                       progress=progress.update if main else None,
-                                       report=progress.stage if main else lambda _: None)
-        show_warnings([w for w in caught if "random weights" in str(w.message)])
-    except SnapcError as exc:
-        fail(exc)
-    if not main:
-        return
-    if record.get("random_weights"):
-        err.print("[yellow]warning:[/] the model has random weights: this run is a smoke test "
-                  "of the training path, not a quality result")
-    if json_out:
-        out.print_json(json.dumps(record, default=str))
+    from snapc.cli_train import run_training
+
+    def checks() -> None:
+        if train_options.steps is None and train_options.minutes is None:
+            raise SnapcError("give each round a length: --steps-per-round K or "
+                             "--minutes-per-round M")
+        if steps_per_round is not None and steps_per_round < 1:
+            raise SnapcError(f"--steps-per-round must be >= 1, not {steps_per_round}")
+        if minutes_per_round is not None and not minutes_per_round > 0:
+            raise SnapcError(f"--minutes-per-round must be > 0, not {minutes_per_round}")
+        options.check()
+        train_options.check()
+
+    record = run_training(checks, lambda progress, report: distill_steps(
+        options, train_options, progress=progress, report=report), json_out)
+    if record is None:
         return
     sampler = record["sampler"]
     plan = record["plan"]

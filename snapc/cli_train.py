@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +25,7 @@ from rich.progress import (
 from snapc.cli_common import ModelArg, err, fail, out, show_warnings
 from snapc.errors import SnapcError
 
-__all__ = ["distill_command", "TrainBar"]
+__all__ = ["distill_command", "TrainBar", "run_training"]
 
 
 class TrainBar:
@@ -56,6 +57,36 @@ class TrainBar:
         left = "?" if p.eta_s is None else f"{int(p.eta_s) // 60}:{int(p.eta_s) % 60:02d}"
         self.progress.update(self.tasks[phase], completed=p.step, loss=f"{p.loss:.5f}",
                              left=left)
+
+
+def run_training(checks: Callable[[], None], job: Callable[..., dict],
+                 json_out: bool) -> dict | None:
+    """Run ``checks`` then ``job(progress, report)`` under the training progress bar.
+
+    A SnapcError is printed as one `error:` line and exits; random-weight runs say they are
+    smoke tests; ``json_out`` prints the record. Returns the record for the caller to
+    summarise, or None when there is nothing more to print (a non-main torchrun rank, --json).
+    """
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            checks()
+            with TrainBar() as bar:
+                record = job(bar.update if main else None,
+                             bar.stage if main else lambda _: None)
+        show_warnings([w for w in caught if "random weights" in str(w.message)])
+    except SnapcError as exc:
+        fail(exc)
+    if not main:
+        return None
+    if record.get("random_weights"):
+        err.print("[yellow]warning:[/] the model has random weights: this run is a smoke test "
+                  "of the training path, not a quality result")
+    if json_out:
+        out.print_json(json.dumps(record, default=str))
+        return None
+    return record
 
 
 def distill_command(
@@ -156,7 +187,7 @@ def distill_command(
             minutes_per_round=minutes_per_round, keep_rounds=keep_rounds,
             train_device=train_device, batch=batch, lr=lr, warmup=warmup, ema=ema,
             caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, seed=seed,
-            name=name, resume=resume, force=force, json_out=json_out, bar=TrainBar)
+            name=name, resume=resume, force=force, json_out=json_out)
         return
     from snapc.train import (
         RecoveryLoss,
@@ -177,27 +208,15 @@ def distill_command(
                                  checkpoint_every=checkpoint_every)
     loss = RecoveryLoss(task=task_weight, output_kd=kd_weight, feature_kd=feature_weight,
                         caption_dropout=0.1 if caption_dropout is None else caption_dropout)
-    main = int(os.environ.get("RANK", "0")) == 0
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            options.check()
-            train_options.check()
-            loss.check()
-            with TrainBar() as bar:
-                record = distill_recovery(options, train_options, loss,
-                                          progress=bar.update if main else None,
-                                          report=bar.stage if main else lambda _: None)
-        show_warnings([w for w in caught if "random weights" in str(w.message)])
-    except SnapcError as exc:
-        fail(exc)
-    if not main:
-        return
-    if record.get("random_weights"):
-        err.print("[yellow]warning:[/] the base model has random weights: this run is a smoke "
-                  "test of the training path, not a quality result")
-    if json_out:
-        out.print_json(json.dumps(record, default=str))
+
+    def checks() -> None:
+        options.check()
+        train_options.check()
+        loss.check()
+
+    record = run_training(checks, lambda progress, report: distill_recovery(
+        options, train_options, loss, progress=progress, report=report), json_out)
+    if record is None:
         return
     out.print(f"wrote {output}: {len(record['removed_blocks'])} blocks removed, "
               f"{record['steps']} steps in {record['train_seconds']} s, final loss "

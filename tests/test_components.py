@@ -18,17 +18,11 @@ from snapc.pruned import PrunedRecord, save_pruned, skip_blocks
 from snapc.shapes.model import load_text_encoder, load_unet
 from snapc.shapes.sampler import SamplerSpec
 from snapc.shapes.text import MAX_TOKENS, tokenize
+from snapc.testing import one_error_line
 
 
 def compile_cli(*args: str):
     return CliRunner().invoke(app, ["compile", *args])
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from snapc.pruned import PrunedRecord, save_pruned, skip_blocks
 from snapc.quality import evaluate, load_feature_classifier, validation_codes
 from snapc.shapes.model import load_text_encoder, load_unet
 from snapc.shapes.sampler import SamplerSpec
+from snapc.testing import one_error_line
 
 REMOVED = ("mid_block.attentions.0", "up_blocks.0.resnets.1")
 FIELDS = {"model", "base", "prompts", "steps", "guidance", "spacing", "guidance_embedded",
@@ -30,13 +31,6 @@ METRICS = ("adherence", "exact", "count", "colour", "shape", "size", "position")
 
 def invoke(*args: str):
     return CliRunner().invoke(app, ["evaluate", *args])
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from snapc.quality import generate as torch_generate
 from snapc.shapes.captions import parse_caption
 from snapc.shapes.data import N_CODES, N_OBJECTS, caption, decode
 from snapc.shapes.model import load_text_encoder, load_unet
+from snapc.testing import one_error_line
 
 PROMPTS = ("a large blue square at the center",
            "a small red circle at the top left and a large green cross at the bottom right")
@@ -26,13 +27,6 @@ PROMPTS = ("a large blue square at the center",
 
 def generate_cli(*args: str):
     return CliRunner().invoke(app, ["generate", *args])
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -29,19 +29,12 @@ from snapc.models import (
     TINY_XL_CONFIG,
     load_model,
 )
+from snapc.testing import one_error_line as _one_error_line
 
 
 def snapc(*args: str) -> Result:
     """Run `snapc ARGS` in this process (typer's CliRunner) and return the result."""
     return CliRunner().invoke(app, list(args))
-
-
-def one_error_line(result: Result) -> str:
-    """Return the single `error:` line of a failed run (asserting exit 2, no traceback)."""
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(lines) == 1, (result.stderr, result.exception)
-    assert "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def compile_verified(model: str, out: Path, target: str = "onnx", **options: object) -> dict:
@@ -148,8 +141,8 @@ def test_pipeline_folder_without_unet_is_one_line_error(tmp_path):
     for path in (pipe / "unet").iterdir():
         path.unlink()
     (pipe / "unet").rmdir()
-    line = one_error_line(snapc("compile", str(pipe), "--target", "onnx", "-o",
-                                str(tmp_path / "x")))
+    line = one_error_line_stderr(snapc("compile", str(pipe), "--target", "onnx", "-o",
+                                       str(tmp_path / "x")))
     assert "has no unet/" in line and "save_pretrained" in line and "scheduler" in line
     assert not (tmp_path / "x").exists()
 
@@ -160,7 +153,7 @@ def test_pipeline_folder_without_unet_weights_is_one_line_error(tmp_path):
     with pytest.raises(WeightsError, match=r"unet has no diffusion_pytorch_model.*save the "
                                            "whole pipeline"):
         load_model(str(pipe))
-    line = one_error_line(snapc("inspect", str(pipe)))
+    line = one_error_line_stderr(snapc("inspect", str(pipe)))
     assert "no diffusion_pytorch_model.safetensors" in line
 
 
@@ -217,8 +210,8 @@ def test_single_file_checkpoint_compiles_and_verifies(tmp_path):
     manifest = compile_verified(str(path), tmp_path / "out", arch="tiny")
     assert manifest["model"]["name"] == "tiny:v1-tiny.safetensors"
     # the architecture is not one snapc can read off the keys: a one-line error naming --arch
-    line = one_error_line(snapc("compile", str(path), "--target", "onnx", "-o",
-                                str(tmp_path / "x")))
+    line = one_error_line_stderr(snapc("compile", str(path), "--target", "onnx", "-o",
+                                       str(tmp_path / "x")))
     assert "layout snapc does not know" in line and "32-wide text" in line and "--arch" in line
     assert not (tmp_path / "x").exists()
 
@@ -337,7 +330,13 @@ def test_untraceable_config_is_one_line_error(tmp_path):
     config = {**TINY_CONFIG, "class_embed_type": "timestep"}  # needs class labels
     folder = tmp_path / "class-unet"
     random_unet(config).save_pretrained(folder)
-    line = one_error_line(snapc("compile", str(folder), "--target", "onnx", "-o",
-                                str(tmp_path / "x")))
+    line = one_error_line_stderr(snapc("compile", str(folder), "--target", "onnx", "-o",
+                                       str(tmp_path / "x")))
     assert "cannot trace UNet2DConditionModel" in line and "class_labels" in line
     assert not (tmp_path / "x").exists()
+
+
+def one_error_line_stderr(result) -> str:
+    """Return the single `error:` line of a failed run (its stderr; exit 2, no traceback)."""
+    assert "Traceback" not in result.output, result.output
+    return _one_error_line(result, "stderr")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from snapc.models import load_model
 from snapc.pruned import SkipTransformer, load_pruned_unet
+from snapc.testing import one_error_line
 from snapc.train import RecoveryDistillation, RecoveryLoss
 from snapc.train.data import TeacherSamples
 from snapc.train.distributed import World
@@ -34,14 +35,6 @@ def snapc(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m snapc ARGS` and return the finished process."""
     return subprocess.run([sys.executable, "-m", "snapc", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=600, env=ENV)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """Return the single `error:` line of a failed run (asserting there is exactly one)."""
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from snapc.pruned import PrunedRecord, SkipTransformer, load_pruned_unet, read_r
 from snapc.shapes.model import encode_captions
 from snapc.shapes.sampler import SamplerSpec
 from snapc.shapes.schedule import alphas_cumprod
+from snapc.testing import one_error_line
 from snapc.train import StepDistillation, StepOptions, TrainOptions, distill_steps, train
 from snapc.train.data import ShapesScenes
 from snapc.train.distill import checkpoint_folder
@@ -58,13 +59,6 @@ CPU = World(0, 1, torch.device("cpu"))
 
 def invoke(*args: str):
     return CliRunner().invoke(app, ["distill", *args])
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
