@@ -112,31 +112,18 @@ def _pruned_folder(folder: Path, device: str) -> LoadedDenoiser:
 
 
 class _OnnxDenoiser:
-    """An ONNX UNet artifact as a denoiser: calls at any batch become calls at the artifact's
-    fixed batch, the last chunk padded by repeating its final row (the UNet treats batch rows
-    independently, so padding changes no real row)."""
+    """An ONNX UNet artifact as a denoiser (float32 inputs) at the artifact's fixed batch."""
 
     def __init__(self, path: Path, batch: int, names: tuple[str, ...]) -> None:
-        import onnxruntime as ort
+        from snapc.runtime import OnnxFunction
 
-        self.session = ort.InferenceSession(str(path), ort.SessionOptions(),
-                                            providers=["CPUExecutionProvider"])
-        self.batch, self.names = batch, names
+        self.function = OnnxFunction(path, names, batch)
+        self.batch = batch
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
                  context: torch.Tensor) -> torch.Tensor:
-        """Return the (N, 3, 32, 32) noise prediction for N rows, in chunks of the batch."""
-        n, outs = sample.shape[0], []
-        for lo in range(0, n, self.batch):
-            rows = [t[lo : lo + self.batch].float().cpu() for t in (sample, timestep, context)]
-            real = rows[0].shape[0]
-            if real < self.batch:
-                rows = [torch.cat([r, r[-1:].expand(self.batch - real, *r.shape[1:])])
-                        for r in rows]
-            feeds = {name: r.contiguous().numpy() for name, r in
-                     zip(self.names, rows, strict=True)}
-            outs.append(torch.from_numpy(self.session.run(None, feeds)[0][:real]))
-        return torch.cat(outs).to(sample.device)
+        """Return the (N, 3, 32, 32) noise prediction for N rows."""
+        return self.function(sample.float(), timestep.float(), context.float())
 
 
 def _artifact(folder: Path, device: str) -> LoadedDenoiser:

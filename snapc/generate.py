@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from snapc.errors import SnapcError, ToolMissingError, WeightsError
+from snapc.runtime import OnnxFunction
 from snapc.shapes.sampler import SamplerSpec
 
 __all__ = ["GenerateArtifact", "load_artifact", "check_prompts", "read_prompts",
@@ -52,39 +53,14 @@ class GenerateArtifact:
     random_weights: bool
 
 
-class _OnnxModel:
-    """An ONNX component called at its fixed batch; other batch sizes are chunked, the last
-    chunk padded by repeating its final row (rows are independent)."""
-
-    def __init__(self, path: Path, names: Sequence[str], batch: int) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), ort.SessionOptions(),
-                                            providers=["CPUExecutionProvider"])
-        self.names, self.batch = tuple(names), batch
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """Return the first output for N rows of each input, computed in chunks of the batch."""
-        n, outs = inputs[0].shape[0], []
-        for lo in range(0, n, self.batch):
-            rows = [t[lo : lo + self.batch].cpu() for t in inputs]
-            real = rows[0].shape[0]
-            if real < self.batch:
-                rows = [torch.cat([r, r[-1:].expand(self.batch - real, *r.shape[1:])])
-                        for r in rows]
-            feeds = {name: r.contiguous().numpy() for name, r in
-                     zip(self.names, rows, strict=True)}
-            outs.append(torch.from_numpy(self.session.run(None, feeds)[0][:real]))
-        return torch.cat(outs)
-
-
-def _component(manifest: dict[str, Any], name: str, folder: Path) -> _OnnxModel | None:
+def _component(manifest: dict[str, Any], name: str, folder: Path) -> OnnxFunction | None:
     for entry in manifest.get("components", []):
         if entry.get("name") == name:
             model = folder / entry["files"]["model"]
             if not model.is_file():
                 raise WeightsError(f"{model} is missing; re-run {_RECOMPILE}")
-            return _OnnxModel(model, [i["name"] for i in entry["inputs"]], int(entry["batch"]))
+            return OnnxFunction(model, [i["name"] for i in entry["inputs"]],
+                                int(entry["batch"]))
     return None
 
 
