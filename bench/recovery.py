@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -54,24 +53,14 @@ def _write_rows(rows: list[dict], machine: str) -> None:
         tmp.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
 
 
-def _latency(graph, cost, removed) -> float:
-    from snapc.passes import remove_blocks
-
-    pruned, _ = remove_blocks(graph, removed)
-    return cost.estimate_graph(pruned).total_ms
-
-
 def _random_set(graph, cost, budget: float, seed: int) -> list[str]:
     """Return blocks in a seeded random order, added until the predicted latency fits."""
-    names = [b.name for b in graph.blocks if b.removable]
-    random.Random(seed).shuffle(names)
-    target = budget * cost.estimate_graph(graph).total_ms
-    chosen: list[str] = []
-    for name in names:
-        chosen.append(name)
-        if _latency(graph, cost, chosen) <= target:
-            return chosen
-    raise SystemExit(f"budget {budget} cannot be met")
+    from snapc.train.screening import random_sets
+
+    found = random_sets(graph, cost, budget * cost.estimate_graph(graph).total_ms, [seed])
+    if not found:
+        raise SystemExit(f"budget {budget} cannot be met")
+    return list(found[0].removed)
 
 
 def _evaluate(unet, device: str, prompts: int) -> dict:
@@ -116,6 +105,7 @@ def run(args) -> None:
     from snapc.cost import CostModel
     from snapc.pruned import load_pruned_unet, skip_blocks
     from snapc.shapes.model import load_unet
+    from snapc.train.screening import predicted_latency
 
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = _load_rows()
@@ -130,8 +120,8 @@ def run(args) -> None:
             if method == "random":
                 jobs += [(budget, method, seed) for seed in range(args.random_sets)]
             elif method == "bk-sdm-small":
-                jobs.append((round(_latency(graph, cost, list(BK_SDM_SMALL)) / original_ms, 3),
-                             method, None))
+                bk_ms = predicted_latency(graph, cost, list(BK_SDM_SMALL))
+                jobs.append((round(bk_ms / original_ms, 3), method, None))
             else:
                 jobs.append((budget, method, None))
     for budget, method, seed in dict.fromkeys(jobs):
@@ -152,7 +142,7 @@ def run(args) -> None:
         before = _evaluate(skip_blocks(load_unet(), removed), args.device, args.prompts)
         after = _evaluate(load_pruned_unet(folder), args.device, args.prompts)
         row = {"budget": budget, "method": method, "seed": seed,
-               "latency_ms": round(_latency(graph, cost, removed), 3),
+               "latency_ms": round(predicted_latency(graph, cost, removed), 3),
                "original_ms": round(original_ms, 3), "blocks_removed": len(removed),
                "removed": removed, "adherence_before": before["adherence"],
                "fd_before": before["fd"], "adherence": after["adherence"], "fd": after["fd"],

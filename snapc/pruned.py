@@ -43,6 +43,8 @@ __all__ = [
     "SkipTransformer",
     "removable_blocks",
     "skip_blocks",
+    "skip_path",
+    "check_removable",
     "kept_state_dict",
     "is_pruned_folder",
     "read_record",
@@ -117,7 +119,9 @@ def _check_names(unet: nn.Module, names: Iterable[str]) -> list[str]:
     return wanted
 
 
-def _skip_for(name: str, block: nn.Module) -> nn.Module:
+def skip_path(name: str, block: nn.Module) -> nn.Module:
+    """Return the skip module that replaces block ``name`` (a skip is returned as it is);
+    a new SkipResnet shares the block's shortcut conv."""
     if isinstance(block, (SkipResnet, SkipTransformer)):
         return block
     if ".resnets." in name:
@@ -138,7 +142,7 @@ def skip_blocks(unet: nn.Module, names: Iterable[str], *, in_place: bool = False
     for name in wanted:
         parent_name, _, index = name.rpartition(".")
         parent = edited.get_submodule(parent_name)
-        parent[int(index)] = _skip_for(name, parent[int(index)])
+        parent[int(index)] = skip_path(name, parent[int(index)])
     return edited
 
 

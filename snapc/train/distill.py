@@ -12,6 +12,7 @@ Everything a user can get wrong is checked before the model is loaded.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -25,6 +26,7 @@ from torch import nn
 
 from snapc.artifacts import atomic_output_dir, check_output_dir
 from snapc.errors import SnapcError
+from snapc.train.data import NoisedBatches
 from snapc.train.distributed import World, setup_world, teardown_world
 from snapc.train.loop import TrainProgress, train
 from snapc.train.options import RecoveryLoss, TrainOptions
@@ -151,8 +153,8 @@ def _search(unet: nn.Module, loaded: Any, options: RecoveryOptions, device: torc
     return result.info["search"]
 
 
-def _robust_phase(loaded: Any, options: RecoveryOptions, train_options: TrainOptions,
-                  loss: RecoveryLoss, world: World, folder: Path,
+def _robust_phase(loaded: Any, data: NoisedBatches, options: RecoveryOptions,
+                  train_options: TrainOptions, loss: RecoveryLoss, world: World, folder: Path,
                   progress: Progress | None) -> nn.Module:
     """Robust-train the full model (or load it from a finished earlier phase)."""
     from safetensors.torch import load_file, save_file
@@ -162,11 +164,9 @@ def _robust_phase(loaded: Any, options: RecoveryOptions, train_options: TrainOpt
     done = folder / "robust_unet.safetensors"
     teacher = loaded.module
     if done.is_file():  # a resumed run: the robust phase finished before the kill
-        robust = _copy_module(teacher)
+        robust = copy.deepcopy(teacher)
         robust.load_state_dict(load_file(str(done)))
         return robust
-    data = _data_source(loaded.info.base or loaded.info.name, teacher, loaded.example_inputs,
-                        options, train_options, loss, loaded.info.random_weights, world.device)
     method = RobustTraining(teacher, data, loss, keep=options.keep,
                             drop_rates=options.robust.drop_rates, seed=train_options.seed)
     robust_options = TrainOptions(**{**asdict(train_options), "steps": options.robust.steps,
@@ -181,18 +181,21 @@ def _robust_phase(loaded: Any, options: RecoveryOptions, train_options: TrainOpt
     return robust
 
 
-def _screen(loaded: Any, options: RecoveryOptions, train_options: TrainOptions,
+def _screen(loaded: Any, data: NoisedBatches, options: RecoveryOptions,
+            train_options: TrainOptions,
             loss: RecoveryLoss, world: World, folder: Path, chosen: list[str],
             start: nn.Module | None, progress: Progress | None) -> tuple:
     """Recover each candidate set briefly, score it; return the best set, its screened
     student (the start of the full recovery) and the screening table."""
-    from snapc.cost import CostModel
     from snapc.frontend import trace
     from snapc.models import is_shapes_family
+    from snapc.passes import SearchBlocks
+    from snapc.pipeline import PassContext
     from snapc.train.recovery import RecoveryDistillation
     from snapc.train.screening import (
         Candidate,
         adherence_score,
+        heldout_loss_score,
         predicted_latency,
         random_sets,
     )
@@ -200,12 +203,11 @@ def _screen(loaded: Any, options: RecoveryOptions, train_options: TrainOptions,
     teacher = loaded.module
     base = loaded.info.base or loaded.info.name
     graph = trace(teacher.cpu().eval(), loaded.example_inputs, loaded.info)
-    dtype = "fp32" if options.device == "local-cpu" else "fp16"  # as SearchBlocks
-    cost = CostModel(options.device, dtype=dtype)
+    cost = SearchBlocks(device=options.device).cost_model(PassContext())  # the search's own
     target = options.budget * cost.estimate_graph(graph).total_ms
     candidates = [Candidate("search", tuple(chosen), predicted_latency(graph, cost, chosen))]
-    candidates += random_sets(graph, cost, target, options.screen, train_options.seed,
-                              options.keep)
+    seeds = [train_options.seed * 1009 + i for i in range(options.screen)]
+    candidates += random_sets(graph, cost, target, seeds, options.keep)
     shapes = is_shapes_family(base)
     score_fn = adherence_score(options.search_prompts, options.search_steps) if shapes else None
     screen_options = TrainOptions(**{**asdict(train_options), "steps": options.screen_steps,
@@ -213,8 +215,6 @@ def _screen(loaded: Any, options: RecoveryOptions, train_options: TrainOptions,
     table, students = [], []
     for i, candidate in enumerate(candidates):
         sub = folder / f"screen-{i}"
-        data = _data_source(base, teacher, loaded.example_inputs, options, train_options, loss,
-                            loaded.info.random_weights, world.device)
         method = RecoveryDistillation(teacher, candidate.removed, data, loss, start=start)
         done = sub / "screened.pt"
         if done.is_file():  # screened before a kill
@@ -226,12 +226,9 @@ def _screen(loaded: Any, options: RecoveryOptions, train_options: TrainOptions,
                            resume=_resuming(options, sub),
                            progress=None if progress is None else
                            lambda p, i=i: progress(f"screen {i}", p))
-            if shapes:
-                score = score_fn(method.student, world.device)
-            else:
-                held = [method.batch(10**7 + k, world) for k in range(2)]
-                with torch.no_grad():
-                    score = sum(method.loss(method.student, b)[0].item() for b in held) / 2
+            score = (score_fn or heldout_loss_score(
+                method.loss, [method.batch(10**7 + k, world) for k in range(2)]))(
+                    method.student, world.device)
             seconds = result.seconds
             if world.main:
                 torch.save({"student": method.student.state_dict(), "score": score,
@@ -243,12 +240,6 @@ def _screen(loaded: Any, options: RecoveryOptions, train_options: TrainOptions,
     return list(candidates[best].removed), students[best], {
         "metric": "1 - adherence" if shapes else "held-out distillation loss",
         "candidates": table, "chosen": candidates[best].origin}
-
-
-def _copy_module(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
 
 
 def distill_recovery(
@@ -283,6 +274,8 @@ def distill_recovery(
                              f"({loaded.info.base}) with --remove")
         base = loaded.info.base or loaded.info.name
         teacher = loaded.module
+        data = _data_source(base, teacher, loaded.example_inputs, options, train_options, loss,
+                            loaded.info.random_weights, world.device)  # one for every phase
         search_record = None
         chosen = pruned.check_removable(teacher, options.remove) if options.remove else []
         start = None
@@ -293,7 +286,7 @@ def distill_recovery(
             else:
                 if options.robust.enabled:
                     report("robust training")
-                    start = _robust_phase(loaded, options, train_options, loss, world, folder,
+                    start = _robust_phase(loaded, data, options, train_options, loss, world, folder,
                                           progress)
                 report("block search")
                 search_record = _search(start if start is not None else teacher, loaded,
@@ -303,18 +296,16 @@ def distill_recovery(
                     search_file.write_text(json.dumps(search_record))
             chosen = list(search_record["chosen"])
             if options.robust.enabled and start is None:
-                start = _robust_phase(loaded, options, train_options, loss, world, folder,
+                start = _robust_phase(loaded, data, options, train_options, loss, world, folder,
                                       progress)
             if options.screen:
                 report(f"screening {options.screen + 1} removed sets by a short recovery")
-                chosen, start, screening = _screen(loaded, options, train_options, loss, world,
-                                                   folder, chosen, start, progress)
+                chosen, start, screening = _screen(loaded, data, options, train_options, loss,
+                                                   world, folder, chosen, start, progress)
                 search_record["screening"] = screening
         report(f"recovering ({len(chosen)} blocks removed)")
         from snapc.train.recovery import RecoveryDistillation
 
-        data = _data_source(base, teacher, loaded.example_inputs, options, train_options, loss,
-                            loaded.info.random_weights, world.device)
         method = RecoveryDistillation(teacher, chosen, data, loss, start=start)
         result = train(method, train_options, folder / "recovery", world=world,
                        resume=_resuming(options, folder / "recovery"),

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snapc.pruned import removable_blocks, skip_blocks
+from snapc.pruned import removable_blocks, skip_blocks, skip_path
 from snapc.train.data import NoisedBatches
 from snapc.train.distributed import World
 from snapc.train.features import capture_stages, feature_loss
@@ -95,22 +95,12 @@ class MaybeSkip(nn.Module):
     def __init__(self, name: str, block: nn.Module) -> None:
         super().__init__()
         self.block = block
-        self.skip = skip_blocks_single(name, block)
+        self.skip = skip_path(name, block)
         self.skipped = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the skip path when skipped, else the block."""
         return (self.skip if self.skipped else self.block)(*args, **kwargs)
-
-
-def skip_blocks_single(name: str, block: nn.Module) -> nn.Module:
-    """Return the skip path of one block (sharing its shortcut conv)."""
-    from snapc.pruned import SkipResnet, SkipTransformer
-
-    if ".resnets." in name:
-        return SkipResnet(getattr(block, "conv_shortcut", None),
-                          getattr(block, "output_scale_factor", 1.0))
-    return SkipTransformer()
 
 
 def _wrap_skippable(unet: nn.Module, names: Sequence[str]) -> dict[str, MaybeSkip]:

@@ -48,9 +48,9 @@ def predicted_latency(graph: Graph, cost, removed: Sequence[str]) -> float:
     return cost.estimate_graph(pruned).total_ms
 
 
-def random_sets(graph: Graph, cost, target_ms: float, n: int, seed: int,
+def random_sets(graph: Graph, cost, target_ms: float, seeds: Sequence[int],
                 keep: Sequence[str] = ()) -> list[Candidate]:
-    """Return ``n`` seeded random removed sets that meet ``target_ms`` on ``cost``'s device.
+    """Return one random removed set per seed that meets ``target_ms`` on ``cost``'s device.
 
     Each set takes blocks in a random order until the predicted latency is within the target
     (the smallest prefix that fits), so sets differ in what they remove, not in how far past
@@ -61,9 +61,9 @@ def random_sets(graph: Graph, cost, target_ms: float, n: int, seed: int,
     saving = {name: cost.saving_ms(graph, graph.blocks[name]) for name in names}
     original = cost.estimate_graph(graph).total_ms
     out = []
-    for i in range(n):
+    for i, seed in enumerate(seeds):
         order = names[:]
-        random.Random(seed * 1009 + i).shuffle(order)
+        random.Random(seed).shuffle(order)
         total, k = 0.0, 0
         while k < len(order) and original - total > target_ms:
             total += saving[order[k]] or 0.0
