@@ -6,14 +6,16 @@ import torch
 
 from snapc.graph import Graph
 
-__all__ = ["calibration_inputs", "alphas_cumprod_for", "to_x0"]
+__all__ = ["calibration_inputs", "shapes_caption_tokens", "alphas_cumprod_for", "to_x0"]
 
 
 def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Return ``n`` calibration triples batched along dim 0.
 
-    For the trained ``shapes`` model these are noised training images with their captions'
-    text states (snapc.quality.calibration_triples). For other models (random weights, user
+    For ``shapes``-family UNets (``shapes`` and the models derived from it) these are noised
+    training images with their captions' text states (snapc.quality.calibration_triples); for
+    a shapes-family text encoder (one ``input_ids`` input) the token ids of ``n`` training
+    captions (:func:`shapes_caption_tokens`). For other models (random weights, user
     UNets without a text encoder) they are seeded Gaussian latents and text states of the
     graph's shapes with timesteps spread evenly over [0, 1000). A graph with more inputs (SDXL's
     ``text_embeds``, ``time_ids``) gets them after the triple: Gaussian pooled text embeds and
@@ -21,7 +23,9 @@ def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0) -> tuple[torch.T
     """
     if n < 1:
         raise ValueError("need at least one calibration triple")
-    if graph.source.name == "shapes":
+    if _shapes_family(graph) and tuple(graph.input_names) == ("input_ids",):
+        return (shapes_caption_tokens(n, seed),)
+    if _shapes_family(graph):
         from snapc.quality import calibration_triples
 
         triples = calibration_triples(n, seed)
@@ -38,13 +42,28 @@ def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0) -> tuple[torch.T
     return (latents, timesteps, texts, *extra)
 
 
+def _shapes_family(graph: Graph) -> bool:
+    from snapc.models import is_shapes_family
+
+    return is_shapes_family(graph.source.base or graph.source.name)
+
+
+def shapes_caption_tokens(n: int, seed: int = 0) -> torch.Tensor:
+    """Return the (n, MAX_TOKENS) token ids of n seeded training-split captions."""
+    from snapc.shapes.data import caption, sample_codes
+    from snapc.shapes.text import tokenize
+
+    codes = sample_codes(n, split="train", generator=torch.Generator().manual_seed(seed))
+    return tokenize([caption(int(c)) for c in codes])
+
+
 def alphas_cumprod_for(graph: Graph) -> torch.Tensor:
     """Return the model's training noise schedule alpha_bar_t (t = 0..999).
 
-    ``shapes`` uses its cosine schedule; Stable Diffusion models the scaled-linear schedule
-    (beta 0.00085 to 0.012, 1000 steps) they were trained with.
+    ``shapes`` (and the models derived from it) uses its cosine schedule; Stable Diffusion
+    models the scaled-linear schedule (beta 0.00085 to 0.012, 1000 steps) they were trained with.
     """
-    if graph.source.name == "shapes":
+    if _shapes_family(graph):
         from snapc.shapes.schedule import alphas_cumprod
 
         return alphas_cumprod()

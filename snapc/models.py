@@ -285,6 +285,9 @@ MODELS: dict[str, ModelSpec] = {
     "shapes-small": ModelSpec(
         "shapes-small", "shapes pruned to half its iPhone latency and recovered by "
         "distillation (shipped)", _shipped_pruned("shapes-small")),
+    "shapes-fast": ModelSpec(
+        "shapes-fast", "shapes-small step-distilled to 4 steps with guidance built in: one "
+        "UNet call per step (shipped)", _shipped_pruned("shapes-fast")),
 }
 
 
