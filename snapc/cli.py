@@ -432,6 +432,15 @@ def _register_generate_command() -> None:
 _register_generate_command()
 
 
+def _register_decoder_command() -> None:
+    from snapc.cli_decoder import compress_decoder_command
+
+    app.command("compress-decoder")(compress_decoder_command)
+
+
+_register_decoder_command()
+
+
 def main() -> None:
     """Entry point of the `snapc` console script."""
     app()

@@ -1,0 +1,91 @@
+"""`snapc compress-decoder`: prune an AutoencoderKL decoder's channels and distil it back.
+
+Parses arguments, builds the options dataclasses and calls snapc.decoder.compress_decoder
+under the training progress bar (loss, time left); one-line errors for bad input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from snapc.cli_common import out
+from snapc.cli_train import run_training
+
+__all__ = ["compress_decoder_command"]
+
+
+def compress_decoder_command(
+    model: Annotated[str, typer.Argument(
+        help="shapes-latent, tiny-vae / sd-vae (random weights), an AutoencoderKL folder or a "
+             "pipeline folder with vae/")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder to write")],
+    keep: Annotated[float, typer.Option(
+        help="fraction of each decoder ResNet's inner channels kept (0.5: half removed)")]
+    = 0.5,
+    steps: Annotated[int | None, typer.Option(help="distillation steps")] = None,
+    minutes: Annotated[float | None, typer.Option(
+        help="distillation minutes (with --steps: whichever ends first); neither: prune only")]
+    = None,
+    latents: Annotated[Path | None, typer.Option(
+        help=".safetensors with 'latents' (N, C, h, w) sampled by the UNet (default: the "
+             "encoder on shapes scenes for shapes-latent, else random latents)")] = None,
+    device: Annotated[list[str] | None, typer.Option(
+        "--device", help="device whose latency is predicted (repeatable; default "
+                         "iphone14pro-ane and adreno740)")] = None,
+    train_device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    batch: Annotated[int, typer.Option(help="global batch (split over torchrun processes)")]
+    = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
+    warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 100,
+    ema: Annotated[float, typer.Option(help="EMA decay of the weights written")] = 0.995,
+    pixel_weight: Annotated[float, typer.Option(help="weight of MSE to the teacher's image")]
+    = 1.0,
+    feature_weight: Annotated[float, typer.Option(
+        help="weight of MSE to the teacher's mid/up block outputs")] = 1.0,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 200,
+    seed: Annotated[int, typer.Option(help="seed of the latents")] = 0,
+    resume: Annotated[bool, typer.Option(
+        help="continue a killed run from its last checkpoint (<out>.checkpoints)")] = False,
+    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the record")] = False,
+) -> None:
+    """Prune the decoder's ResNet channels (L1 filter norm, per GroupNorm group) and distil it
+    from the original on latents (pixel + feature loss); report params, GMACs and predicted
+    ms of both. The folder loads with snapc.decoder.load_compressed_vae (a diffusers
+    AutoencoderKL)."""
+    from snapc.decoder import CompressOptions, DecoderLoss, compress_decoder
+    from snapc.train import TrainOptions
+
+    options = CompressOptions(model=model, out=output, keep=keep, latents=latents,
+                              devices=tuple(device or ("iphone14pro-ane", "adreno740")),
+                              force=force, resume=resume)
+    training = None
+    if steps is not None or minutes is not None:
+        training = TrainOptions(steps=steps, minutes=minutes, batch=batch, lr=lr,
+                                warmup=warmup, ema=ema, seed=seed, device=train_device,
+                                checkpoint_every=checkpoint_every)
+    loss = DecoderLoss(pixel=pixel_weight, feature=feature_weight)
+
+    def checks() -> None:
+        options.check()
+        if training is not None:
+            training.check()
+        loss.check()
+
+    record = run_training(checks, lambda progress, report: compress_decoder(
+        options, training, loss, progress=progress, report=report), json_out)
+    if record is None:
+        return
+    fig = record["figures"]
+    for label in ("original", "compressed"):
+        f = fig[label]
+        ms = ", ".join(f"{d} {v:.2f} ms" for d, v in f["ms"].items())
+        out.print(f"{label:>10}: {f['params'] / 1e6:.3f} M params, {f['gmacs']:.3f} GMACs, {ms}")
+    trained = (f"distilled {record['steps']} steps, final loss "
+               f"{record['training']['final_loss']:.5f}" if record["training"]
+               else "pruned only (no --steps/--minutes: not distilled)")
+    out.print(f"wrote {output}: {record['channels_removed']:.0%} of ResNet channels removed, "
+              f"{fig['macs_ratio']:.2f}x fewer MACs; {trained}")

@@ -1,0 +1,136 @@
+"""Data distillation of a pruned decoder from the original one, as a training-loop method.
+
+The student is the pruned autoencoder (only its decode path trains: ``post_quant_conv`` and
+the decoder; the encoder is frozen), the teacher the original. On each batch of latents
+(:mod:`snapc.decoder.latents`):
+
+    loss = pixel x MSE(student image, teacher image)
+         + feature x mean over stages of MSE(student stage output, teacher stage output)
+
+where the stages are the decoder's mid block and each up block. Pruning keeps every block's
+output width, so the feature maps compare one to one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from snapc.decoder.latents import LatentSource
+from snapc.errors import SnapcError
+from snapc.train.distributed import World
+from snapc.train.features import feature_loss
+from snapc.train.loop import Batch
+
+__all__ = ["DecoderLoss", "DecoderDistillation", "decoder_stages", "capture_decoder_stages"]
+
+
+@dataclass(frozen=True)
+class DecoderLoss:
+    """Weights of the decoder distillation loss: pixel MSE and feature (stage output) MSE."""
+
+    pixel: float = 1.0
+    feature: float = 1.0
+
+    def check(self) -> None:
+        """Raise SnapcError when a weight is negative or both are zero."""
+        if min(self.pixel, self.feature) < 0 or max(self.pixel, self.feature) == 0:
+            raise SnapcError("loss weights must be >= 0 and not both 0 "
+                             "(--pixel-weight, --feature-weight)")
+
+    def to_json(self) -> dict:
+        """Return the weights as a JSON-ready dict."""
+        return asdict(self)
+
+
+def decoder_stages(vae: nn.Module) -> dict[str, nn.Module]:
+    """Return {stage name: module} of an AutoencoderKL decoder: mid block, then up blocks."""
+    stages = {"mid_block": vae.decoder.mid_block}
+    return stages | {f"up_blocks.{i}": b for i, b in enumerate(vae.decoder.up_blocks)}
+
+
+@contextmanager
+def capture_decoder_stages(vae: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield a dict filled with each decoder stage's output during forwards inside the block."""
+    found: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in decoder_stages(vae).items():
+        def hook(_mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
+            found[name] = out
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latents, return_dict=False)[0]
+
+
+class _DecodeModule(nn.Module):
+    """The student seen by the loop (and DDP): forward decodes latents."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """Return the decoded images of raw latents."""
+        return _decode(self.vae, latents)
+
+
+class DecoderDistillation:
+    """Train a pruned decoder to match the original on latents (pixel + feature loss)."""
+
+    name = "decoder-distillation"
+    find_unused_parameters = False
+
+    def __init__(self, teacher: nn.Module, pruned: nn.Module, record: dict[str, Any],
+                 latents: LatentSource, batch: int, weights: DecoderLoss) -> None:
+        """``pruned`` is the student's starting point (it is copied, not trained in place);
+        ``record`` the pruning record (checked on resume); ``batch`` the global batch."""
+        device = latents.device
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        vae = copy.deepcopy(pruned).to(device).requires_grad_(False)
+        vae.decoder.requires_grad_(True)
+        if vae.post_quant_conv is not None:
+            vae.post_quant_conv.requires_grad_(True)
+        self.student = _DecodeModule(vae).train()
+        self.record, self.latents, self.global_batch = record, latents, batch
+        self.weights = weights
+
+    @property
+    def vae(self) -> nn.Module:
+        """Return the student autoencoder (the pruned one being trained)."""
+        return self.student.vae
+
+    def batch(self, step: int, world: World) -> Batch:
+        """Return this rank's latents of global batch ``step``."""
+        return {"latents": self.latents.latents(step, self.global_batch, world)}
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the weighted distillation loss of the student and its parts."""
+        z = batch["latents"]
+        with torch.no_grad(), capture_decoder_stages(self.teacher) as teacher_stages:
+            target = _decode(self.teacher, z)
+        with capture_decoder_stages(self.vae) as student_stages:
+            image = model(z).float()
+        pixel = F.mse_loss(image, target.float())
+        feat = feature_loss(student_stages, teacher_stages)
+        loss = self.weights.pixel * pixel + self.weights.feature * feat
+        return loss, {"pixel": pixel.item(), "feature": feat.item()}
+
+    def describe(self) -> dict[str, Any]:
+        """Return the pruning record, loss weights and latent source."""
+        return {"method": self.name, "pruning": self.record, "loss": self.weights.to_json(),
+                "latents": self.latents.describe()}

@@ -1,0 +1,1 @@
+"""shapes-latent: the latent-space reference pipeline (autoencoder, latent UNet, text encoder)."""
