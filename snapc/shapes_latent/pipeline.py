@@ -1,0 +1,112 @@
+"""shapes-latent end to end: load the shipped weights, sample latents, decode, check scenes.
+
+Sampling is DDIM (eta 0) with classifier-free guidance on shapes' cosine schedule and
+timesteps (``snapc.shapes.sampler.ddim_timesteps``), written here rather than reusing
+``snapc.shapes.sampler.sample`` because that one clips x0 to the pixel range [-1, 1], which
+is wrong for latents. Pictures are read back at 32x32 (``to_shapes_resolution``) by the
+shapes scene decoder, so prompt adherence is the same metric as for ``shapes``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from snapc.errors import WeightsError
+from snapc.shapes.data import decode, match_score, objects_of
+from snapc.shapes.sampler import ddim_timesteps
+from snapc.shapes.schedule import alphas_cumprod
+from snapc.shapes.text import TextEncoder, tokenize
+from snapc.shapes_latent.config import LATENT_SIZE, WEIGHTS_DIR, scenes, to_shapes_resolution
+
+__all__ = ["load_pipeline", "sample_latents", "generate", "scene_accuracy",
+           "reconstruction_accuracy"]
+
+
+def load_pipeline(weights_dir: Path = WEIGHTS_DIR) -> tuple[nn.Module, nn.Module, TextEncoder]:
+    """Return (vae, unet, text_encoder) of shapes-latent, eval mode, fp32.
+
+    Raises WeightsError naming the training command when a phase's files are missing.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    for part in ("vae/config.json", "unet/config.json", "text_encoder.safetensors"):
+        if not (weights_dir / part).is_file():
+            raise WeightsError(f"{weights_dir / part} missing; train shapes-latent with "
+                               "`python bench/train_shapes_latent.py all --minutes M`")
+    vae = AutoencoderKL.from_pretrained(weights_dir / "vae").float().eval()
+    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet").float().eval()
+    text = TextEncoder()
+    text.load_state_dict({k: v.float() for k, v in
+                          load_file(str(weights_dir / "text_encoder.safetensors")).items()})
+    return vae, unet, text.eval()
+
+
+@torch.no_grad()
+def sample_latents(unet: nn.Module, context: torch.Tensor, uncond: torch.Tensor, *,
+                   steps: int = 25, guidance: float = 3.0, noise: torch.Tensor) -> torch.Tensor:
+    """Return scaled latents sampled by DDIM with CFG from start ``noise`` (B, C, h, w)."""
+    ab = alphas_cumprod(noise.device)
+    x = noise.float()
+    uncond = uncond.expand_as(context)
+    times = ddim_timesteps(steps)
+    x0 = x
+    for i, t in enumerate(times):
+        tt = torch.full((2 * len(x),), float(t), device=x.device)
+        both = unet(torch.cat([x, x]), tt, torch.cat([uncond, context]), return_dict=False)[0]
+        eps_u, eps_c = both.float().chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        a = ab[t]
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        if i == len(times) - 1:
+            break
+        a_next = ab[times[i + 1]]
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    return x0
+
+
+@torch.no_grad()
+def generate(vae: nn.Module, unet: nn.Module, text: TextEncoder, captions: list[str], *,
+             steps: int = 25, guidance: float = 3.0, seed: int = 0, batch: int = 250,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (latents, 64x64 images in [-1, 1]) of captions; image i depends on i and seed."""
+    device = torch.device(device)
+    channels = unet.config.in_channels
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(captions), channels, LATENT_SIZE, LATENT_SIZE, generator=gen)
+    uncond = text(tokenize([""]).to(device)).float()
+    latents, images = [], []
+    for start in range(0, len(captions), batch):
+        chunk = captions[start:start + batch]
+        context = text(tokenize(chunk).to(device)).float()
+        z = sample_latents(unet, context, uncond, steps=steps, guidance=guidance,
+                           noise=noise[start:start + batch].to(device))
+        latents.append(z.cpu())
+        images.append(vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1).cpu())
+    return torch.cat(latents), torch.cat(images)
+
+
+def scene_accuracy(images: torch.Tensor, codes: torch.Tensor) -> float:
+    """Return the fraction of 64x64 images whose decoded scene is exactly the code's scene."""
+    found = decode(to_shapes_resolution(images))
+    exact = 0
+    for code, objs in zip(codes.tolist(), found, strict=True):
+        hits, total = match_score(objects_of(int(code)), objs)
+        exact += hits == total
+    return exact / len(codes)
+
+
+@torch.no_grad()
+def reconstruction_accuracy(vae: nn.Module, codes: torch.Tensor, batch: int = 500) -> float:
+    """Return the fraction of scenes whose autoencoder reconstruction (posterior mean) decodes
+    to the right scene."""
+    device = next(vae.parameters()).device
+    recons = []
+    for start in range(0, len(codes), batch):
+        images = scenes(codes[start:start + batch].to(device))
+        z = vae.encode(images).latent_dist.mean
+        recons.append(vae.decode(z).sample.float().cpu())
+    return scene_accuracy(torch.cat(recons), codes.cpu())

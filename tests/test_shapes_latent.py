@@ -1,0 +1,68 @@
+"""shapes-latent's recipe at tiny scale on CPU: each phase lowers its loss in a few steps
+through the one training loop, writes fp16 files that load (pipeline, decoder compression),
+records its checks, and the UNet phase refuses to start without the autoencoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from snapc.decoder import load_vae
+from snapc.errors import SnapcError
+from snapc.shapes.data import caption
+from snapc.shapes_latent.config import UNET_CONFIG, scenes
+from snapc.shapes_latent.pipeline import generate, load_pipeline, scene_accuracy
+from snapc.shapes_latent.recipe import PhaseOptions, train_autoencoder, train_latent_unet
+from snapc.train.options import TrainOptions
+
+SMALL_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+             "down_block_types": ["DownEncoderBlock2D"] * 3,
+             "up_block_types": ["UpDecoderBlock2D"] * 3, "block_out_channels": [16, 32, 32],
+             "norm_num_groups": 4, "sample_size": 64}
+SMALL_UNET = {**UNET_CONFIG, "block_out_channels": [16, 32, 32], "norm_num_groups": 8,
+              "layers_per_block": 1, "attention_head_dim": 2}
+
+
+def _options(lr: float) -> TrainOptions:
+    return TrainOptions(steps=6, batch=4, lr=lr, warmup=1, ema=0.0, device="cpu",
+                        checkpoint_every=100, log_every=2)
+
+
+def _falls(record: dict) -> bool:
+    curve = [p["loss"] for p in record["loss_curve"]]
+    return curve[-1] < curve[0]
+
+
+def test_scene_check_reads_true_scenes() -> None:
+    codes = torch.tensor([3, 700, 9000])
+    assert scene_accuracy(scenes(codes), codes) == 1.0
+    assert scene_accuracy(-torch.ones(3, 3, 64, 64), codes) == 0.0
+
+
+def test_phases_train_write_and_load(tmp_path: Path) -> None:
+    out = tmp_path / "shapes-latent"
+    phase = PhaseOptions(out=out, eval_prompts=4, eval_steps=3, scale_samples=32,
+                         vae_config=SMALL_VAE, unet_config=SMALL_UNET)
+    with pytest.raises(SnapcError, match="run the vae phase first"):
+        train_latent_unet(phase, _options(1e-3))
+    vae_record = train_autoencoder(phase, _options(3e-3))
+    assert _falls(vae_record), vae_record["loss_curve"]
+    assert 0.0 <= vae_record["checks"]["reconstruction_scene_accuracy"] <= 1.0
+    assert vae_record["scaling_factor"] > 0
+    unet_record = train_latent_unet(phase, _options(1e-3))
+    assert _falls(unet_record), unet_record["loss_curve"]
+    assert {"adherence", "exact"} <= set(unet_record["checks"])
+
+    full = json.loads((out / "training.json").read_text())
+    assert set(full["phases"]) == {"vae", "unet"} and full["size_mb"] < 30
+    assert "phase `unet`" in (out / "TRAINING.md").read_text()
+    assert not (tmp_path / "shapes-latent.checkpoints" / "vae").exists()
+    vae, unet, text = load_pipeline(out)  # the fp16 files load as fp32
+    assert next(unet.parameters()).dtype == torch.float32
+    assert vae.config.scaling_factor == pytest.approx(vae_record["scaling_factor"])
+    latents, images = generate(vae, unet, text, [caption(5), caption(600)], steps=2)
+    assert latents.shape == (2, 4, 16, 16) and images.shape == (2, 3, 64, 64)
+    assert load_vae(str(out)).latent_hw == (16, 16)  # decoder compression takes the folder
