@@ -25,6 +25,9 @@ def compress_decoder_command(
     keep: Annotated[float, typer.Option(
         help="fraction of each decoder ResNet's inner channels kept (0.5: half removed)")]
     = 0.5,
+    width_keep: Annotated[float, typer.Option(
+        help="fraction of the block widths (mid block, each up block) kept; 1: unchanged")]
+    = 1.0,
     steps: Annotated[int | None, typer.Option(help="distillation steps")] = None,
     minutes: Annotated[float | None, typer.Option(
         help="distillation minutes (with --steps: whichever ends first); neither: prune only")]
@@ -52,14 +55,16 @@ def compress_decoder_command(
     force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the record")] = False,
 ) -> None:
-    """Prune the decoder's ResNet channels (L1 filter norm, per GroupNorm group) and distil it
+    """Prune the decoder's ResNet channels and optionally its block widths (--width-keep; L1
+    filter norm, per GroupNorm group) and distil it
     from the original on latents (pixel + feature loss); report params, GMACs and predicted
     ms of both. The folder loads with snapc.decoder.load_compressed_vae (a diffusers
     AutoencoderKL)."""
     from snapc.decoder import CompressOptions, DecoderLoss, compress_decoder
     from snapc.train import TrainOptions
 
-    options = CompressOptions(model=model, out=output, keep=keep, latents=latents,
+    options = CompressOptions(model=model, out=output, keep=keep, width_keep=width_keep,
+                              latents=latents,
                               devices=tuple(device or ("iphone14pro-ane", "adreno740")),
                               force=force, resume=resume)
     training = None
@@ -87,5 +92,6 @@ def compress_decoder_command(
     trained = (f"distilled {record['steps']} steps, final loss "
                f"{record['training']['final_loss']:.5f}" if record["training"]
                else "pruned only (no --steps/--minutes: not distilled)")
-    out.print(f"wrote {output}: {record['channels_removed']:.0%} of ResNet channels removed, "
-              f"{fig['macs_ratio']:.2f}x fewer MACs; {trained}")
+    out.print(f"wrote {output}: {record['channels_removed']:.0%} of ResNet inner channels and "
+              f"{record['width_removed']:.0%} of block widths removed, {fig['macs_ratio']:.2f}x "
+              f"fewer MACs; {trained}")

@@ -58,6 +58,10 @@ def test_phases_train_write_and_load(tmp_path: Path) -> None:
 
     full = json.loads((out / "training.json").read_text())
     assert set(full["phases"]) == {"vae", "unet"} and full["size_mb"] < 30
+    from safetensors.torch import load_file
+
+    for weights in [out / "text_encoder.safetensors", *out.glob("*/*.safetensors")]:
+        assert {v.dtype for v in load_file(str(weights)).values()} == {torch.float16}, weights
     assert "phase `unet`" in (out / "TRAINING.md").read_text()
     assert not (tmp_path / "shapes-latent.checkpoints" / "vae").exists()
     vae, unet, text = load_pipeline(out)  # the fp16 files load as fp32

@@ -20,7 +20,7 @@ from snapc.decoder.distill import DecoderDistillation, DecoderLoss
 from snapc.decoder.io import LoadedVae, load_vae, save_compressed
 from snapc.decoder.latents import EncodedScenes, LatentFile, LatentSource, RandomLatents
 from snapc.decoder.measure import decoder_figures
-from snapc.decoder.prune import _check_keep, prune_decoder
+from snapc.decoder.prune import PruneRecord, _check_keep, prune_decoder
 from snapc.errors import SnapcError
 from snapc.train.distill import checkpoint_folder
 from snapc.train.distributed import World, setup_world, teardown_world
@@ -36,6 +36,7 @@ class CompressOptions:
     model: str
     out: Path
     keep: float = 0.5
+    width_keep: float = 1.0
     latents: Path | None = None
     devices: tuple[str, ...] = ("iphone14pro-ane", "adreno740")
     force: bool = False
@@ -45,7 +46,7 @@ class CompressOptions:
         """Raise SnapcError for a bad ratio, latents file, device or output folder."""
         from snapc.cost import load_device
 
-        _check_keep(self.keep)
+        _check_keep(self.keep, self.width_keep)
         if self.latents is not None and not self.latents.is_file():
             raise SnapcError(f"latents file {self.latents} not found; pass a .safetensors "
                              "with 'latents' (N, C, h, w) or leave --latents out")
@@ -67,14 +68,15 @@ def _source(options: CompressOptions, loaded: LoadedVae, seed: int,
 
 
 def _distil(options: CompressOptions, train_options: TrainOptions, loss: DecoderLoss,
-            loaded: LoadedVae, pruned: torch.nn.Module, record: dict[str, Any], world: World,
+            loaded: LoadedVae, pruned: torch.nn.Module, record: PruneRecord, world: World,
             progress: Callable | None) -> tuple[torch.nn.Module, dict[str, Any]]:
     from snapc.train.checkpoint import latest_checkpoint
     from snapc.train.loop import train
 
     torch.manual_seed(train_options.seed)
     source = _source(options, loaded, train_options.seed, world.device)
-    method = DecoderDistillation(loaded.vae, pruned, record, source, train_options.batch, loss)
+    method = DecoderDistillation(loaded.vae, pruned, record.to_json(), source,
+                                 train_options.batch, loss, record.stage_channels())
     folder = checkpoint_folder(options.out)
     result = train(method, train_options, folder, world=world,
                    resume=options.resume and latest_checkpoint(folder) is not None,
@@ -114,13 +116,14 @@ def compress_decoder(options: CompressOptions, train_options: TrainOptions | Non
     world = setup_world(train_options.device if train_options is not None else "cpu")
     try:
         loaded = load_vae(options.model)
-        pruned, record = prune_decoder(loaded.vae, options.keep)
-        report(f"pruned {len(record.plans)} decoder ResNets to {options.keep:g} of their inner "
-               f"channels ({record.channels_removed():.0%} removed, {record.criterion})")
+        pruned, record = prune_decoder(loaded.vae, options.keep, options.width_keep)
+        report(f"pruned the decoder: {record.channels_removed('inner'):.0%} of ResNet inner "
+               f"channels, {record.channels_removed('stream'):.0%} of block widths removed "
+               f"({record.criterion})")
         training = None
         if train_options is not None:
-            pruned, training = _distil(options, train_options, loss, loaded, pruned,
-                                       record.to_json(), world, progress)
+            pruned, training = _distil(options, train_options, loss, loaded, pruned, record,
+                                       world, progress)
         if not world.main:
             world.barrier()
             return {}
@@ -136,6 +139,8 @@ def compress_decoder(options: CompressOptions, train_options: TrainOptions | Non
     finally:
         teardown_world(world)
     return {"output": str(options.out), **extra, "keep": options.keep,
-            "channels_removed": round(record.channels_removed(), 4),
+            "width_keep": options.width_keep,
+            "channels_removed": round(record.channels_removed("inner"), 4),
+            "width_removed": round(record.channels_removed("stream"), 4),
             "seconds": round(time.perf_counter() - started, 1), "training": training,
             "steps": training["steps"] if training else 0}

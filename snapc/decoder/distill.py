@@ -7,8 +7,9 @@ the decoder; the encoder is frozen), the teacher the original. On each batch of 
     loss = pixel x MSE(student image, teacher image)
          + feature x mean over stages of MSE(student stage output, teacher stage output)
 
-where the stages are the decoder's mid block and each up block. Pruning keeps every block's
-output width, so the feature maps compare one to one.
+where the stages are the decoder's mid block and each up block. Where block widths were
+pruned, the teacher's stage output is compared on the channels the student kept
+(:meth:`PruneRecord.stage_channels`); otherwise the maps compare one to one.
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ class DecoderDistillation:
     find_unused_parameters = False
 
     def __init__(self, teacher: nn.Module, pruned: nn.Module, record: dict[str, Any],
-                 latents: LatentSource, batch: int, weights: DecoderLoss) -> None:
+                 latents: LatentSource, batch: int, weights: DecoderLoss,
+                 stage_channels: dict[str, list[int]] | None = None) -> None:
         """``pruned`` is the student's starting point (it is copied, not trained in place);
-        ``record`` the pruning record (checked on resume); ``batch`` the global batch."""
+        ``record`` the pruning record (checked on resume); ``batch`` the global batch;
+        ``stage_channels`` the teacher channels each narrowed stage output keeps."""
         device = latents.device
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         vae = copy.deepcopy(pruned).to(device).requires_grad_(False)
@@ -108,6 +111,8 @@ class DecoderDistillation:
         self.student = _DecodeModule(vae).train()
         self.record, self.latents, self.global_batch = record, latents, batch
         self.weights = weights
+        self.stage_channels = {k: torch.tensor(v, device=device)
+                               for k, v in (stage_channels or {}).items()}
 
     @property
     def vae(self) -> nn.Module:
@@ -126,6 +131,8 @@ class DecoderDistillation:
         with capture_decoder_stages(self.vae) as student_stages:
             image = model(z).float()
         pixel = F.mse_loss(image, target.float())
+        for name, kept in self.stage_channels.items():
+            teacher_stages[name] = teacher_stages[name].index_select(1, kept)
         feat = feature_loss(student_stages, teacher_stages)
         loss = self.weights.pixel * pixel + self.weights.feature * feat
         return loss, {"pixel": pixel.item(), "feature": feat.item()}

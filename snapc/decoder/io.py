@@ -2,13 +2,14 @@
 
 A compressed-decoder folder is a diffusers ``AutoencoderKL`` folder (``config.json`` +
 ``diffusion_pytorch_model.safetensors``, written by diffusers' ``save_pretrained``) whose
-decoder ResNets have fewer inner channels than the config says, plus ``snapc_decoder.json``
-(format ``snapc-decoder/1``: the per-block layout, the pruning record, MACs and params) and
-``training.json`` when it was distilled. diffusers' config cannot express it: a
-``ResnetBlock2D``'s inner width is always its output width, so ``AutoencoderKL.from_pretrained``
-on the folder reports shape mismatches. :func:`load_compressed_vae` builds the
-``AutoencoderKL`` from the config with diffusers, resizes the decoder to the saved layout and
-loads the weights strictly: the result is a plain diffusers ``AutoencoderKL`` instance
+decoder has fewer channels than the config says, plus ``snapc_decoder.json`` (format
+``snapc-decoder/1``: the shape of every decoder Conv2d / Linear / GroupNorm, the pruning
+record, MACs and params) and ``training.json`` when it was distilled. diffusers' config cannot
+express it: a ``ResnetBlock2D``'s inner width is always its output width, and
+``block_out_channels`` is shared with the encoder, so ``AutoencoderKL.from_pretrained`` on the
+folder reports shape mismatches. :func:`load_compressed_vae` builds the ``AutoencoderKL`` from
+the config with diffusers, resizes the decoder to the saved layout and loads the weights
+strictly: the result is a plain diffusers ``AutoencoderKL`` instance
 (``pipe.vae = load_compressed_vae(DIR)``). A folder pruned at keep 1.0 is an ordinary
 diffusers folder that ``from_pretrained`` loads as it is.
 """
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from snapc.decoder.prune import PruneRecord, apply_layout
+from snapc.decoder.prune import PruneRecord, apply_layout, module_layout
 from snapc.errors import UnknownNameError, WeightsError
 
 __all__ = ["FORMAT", "LoadedVae", "VAE_NAMES", "SD_VAE_CONFIG", "load_vae",
@@ -173,7 +174,8 @@ def save_compressed(vae: nn.Module, record: PruneRecord, folder: Path,
     and safetensors weights, ``snapc_decoder.json`` (layout, record, ``extra``) and
     ``training.json`` when ``training`` is given. The caller makes the folder atomic."""
     vae.save_pretrained(folder, safe_serialization=True)
-    meta = {"format": FORMAT, "layout": record.layout(), "pruning": record.to_json(), **extra}
+    meta = {"format": FORMAT, "layout": module_layout(vae), "pruning": record.to_json(),
+            **extra}
     (folder / META).write_text(json.dumps(meta, indent=1, default=str))
     if training is not None:
         (folder / "training.json").write_text(json.dumps(training, indent=1, default=str))

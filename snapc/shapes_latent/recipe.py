@@ -16,6 +16,7 @@ measured.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -113,9 +114,12 @@ def _run(method: Any, options: TrainOptions, out: Path, phase: str, world: World
 
 
 def _half_copy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
     return copy.deepcopy(module).cpu().half()
+
+
+def _as_shipped(half: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Return an fp32 copy of fp16 weights (``.float()`` alone would convert ``half`` itself)."""
+    return copy.deepcopy(half).float().to(device).eval()
 
 
 @torch.no_grad()
@@ -149,7 +153,7 @@ def train_autoencoder(phase: PhaseOptions, options: TrainOptions, *,
         std = _latent_std(vae, world.device, phase.scale_samples)
         vae.register_to_config(scaling_factor=1.0 / std)
         half = _half_copy(vae)  # check what ships: the fp16 weights, computed in fp32
-        shipped = half.float().to(world.device).eval()
+        shipped = _as_shipped(half, world.device)
         accuracy = reconstruction_accuracy(shipped, validation_codes(phase.eval_prompts))
         phase.out.mkdir(parents=True, exist_ok=True)
         with atomic_output_dir(phase.out / "vae", force=True) as tmp:
@@ -199,8 +203,8 @@ def train_latent_unet(phase: PhaseOptions, options: TrainOptions, *,
         half_unet, half_text = _half_copy(method.student.unet), _half_copy(method.student.text)
         codes = validation_codes(phase.eval_prompts)
         _, images = generate(vae.to(world.device).eval(),
-                             half_unet.float().to(world.device).eval(),
-                             half_text.float().to(world.device).eval(),
+                             _as_shipped(half_unet, world.device),
+                             _as_shipped(half_text, world.device),
                              [caption(int(c)) for c in codes], steps=phase.eval_steps,
                              device=world.device)
         scores = prompt_adherence(to_shapes_resolution(images), codes)

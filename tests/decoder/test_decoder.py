@@ -26,7 +26,7 @@ from snapc.decoder import (
 )
 from snapc.decoder.io import FORMAT
 from snapc.decoder.latents import LatentFile, LatentsError, RandomLatents
-from snapc.decoder.prune import decoder_resnets, planned_width
+from snapc.decoder.prune import decoder_resnets, module_layout, planned_width
 from snapc.testing import one_error_line
 from snapc.train import TrainOptions, train
 from snapc.train.distributed import World
@@ -79,10 +79,48 @@ def test_prune_has_planned_channels_and_runs(vae: AutoencoderKL, keep: float) ->
         assert (r.conv1.out_channels, r.norm2.num_channels, r.norm2.num_groups,
                 r.conv2.in_channels) == (plan.width, plan.width, plan.groups, plan.width)
         assert plan.width < plan.width_before and len(plan.kept) == plan.width
-    assert abs(record.channels_removed() - (1 - keep)) < 1e-6
+    assert abs(record.channels_removed("inner") - (1 - keep)) < 1e-6
     assert _decode(pruned, _z()).shape == (2, 3, 32, 32)
     after = vae.state_dict()  # the input is not changed
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("keep, width_keep", [(1.0, 0.5), (0.5, 0.5), (0.25, 0.25)])
+def test_width_pruning_has_planned_streams_and_runs(vae: AutoencoderKL, keep: float,
+                                                    width_keep: float) -> None:
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    pruned, record = prune_decoder(vae, keep, width_keep)
+    streams = {p.name: p for p in record.of_kind("stream")}
+    # TINY: conv_in..mid and up block 0 share the 32-wide stream (identity shortcut), up
+    # block 1 keeps it (32 -> 32), up block 2 narrows to 16 through its conv_shortcut.
+    assert list(streams) == ["mid", "up_blocks.2"]
+    mid, last = streams["mid"].width, streams["up_blocks.2"].width
+    assert mid == round(32 * width_keep) and last == round(16 * width_keep)
+    dec = pruned.decoder
+    assert dec.conv_in.out_channels == mid and dec.mid_block.attentions[0].to_q.in_features == mid
+    assert dec.mid_block.attentions[0].to_out[0].out_features == mid
+    assert dec.up_blocks[0].upsamplers[0].channels == mid
+    assert dec.up_blocks[2].resnets[0].conv_shortcut.in_channels == mid
+    assert dec.up_blocks[2].resnets[0].conv_shortcut.out_channels == last
+    assert dec.conv_norm_out.num_channels == last and dec.conv_out.in_channels == last
+    inner = record.of_kind("inner")[0]
+    assert decoder_resnets(pruned)[inner.name].conv1.out_channels == inner.width
+    assert _decode(pruned, _z()).shape == (2, 3, 32, 32)
+    assert set(record.stage_channels()) == {"mid_block", "up_blocks.0", "up_blocks.1",
+                                            "up_blocks.2"}
+    after = vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_width_pruning_keeps_the_teachers_kept_channels(vae: AutoencoderKL) -> None:
+    """The pruned conv_in holds the original's filters of the kept stream channels, the
+    upsampler conv the kept rows and columns."""
+    pruned, record = prune_decoder(vae, 1.0, 0.5)
+    kept = list(record.of_kind("stream")[0].kept)
+    torch.testing.assert_close(pruned.decoder.conv_in.weight, vae.decoder.conv_in.weight[kept])
+    up = pruned.decoder.up_blocks[0].upsamplers[0].conv.weight
+    torch.testing.assert_close(up, vae.decoder.up_blocks[0].upsamplers[0].conv.weight[kept][
+        :, kept])
 
 
 def test_prune_keeps_highest_l1_filters(vae: AutoencoderKL) -> None:
@@ -102,11 +140,14 @@ def test_keep_one_is_the_original(vae: AutoencoderKL) -> None:
     torch.testing.assert_close(_decode(pruned, _z()), _decode(vae, _z()))
 
 
-def test_distillation_lowers_the_loss(vae: AutoencoderKL, tmp_path: Path) -> None:
-    pruned, record = prune_decoder(vae, 0.25)
+@pytest.mark.parametrize("width_keep", [1.0, 0.5])
+def test_distillation_lowers_the_loss(vae: AutoencoderKL, tmp_path: Path,
+                                      width_keep: float) -> None:
+    pruned, record = prune_decoder(vae, 0.25, width_keep)
     snapshot = {k: v.clone() for k, v in pruned.state_dict().items()}
     source = RandomLatents((4, 8, 8), 1.0, seed=0, device=torch.device("cpu"))
-    method = DecoderDistillation(vae, pruned, record.to_json(), source, 4, DecoderLoss())
+    method = DecoderDistillation(vae, pruned, record.to_json(), source, 4, DecoderLoss(),
+                                 record.stage_channels())
     held_out = {"latents": _z(4, seed=99)}
 
     def loss() -> float:
@@ -125,15 +166,18 @@ def test_distillation_lowers_the_loss(vae: AutoencoderKL, tmp_path: Path) -> Non
     assert torch.equal(trained["encoder.conv_in.weight"], snapshot["encoder.conv_in.weight"])
 
 
-def test_folder_round_trip(vae: AutoencoderKL, tmp_path: Path) -> None:
-    pruned, record = prune_decoder(vae, 0.5)
+@pytest.mark.parametrize("width_keep", [1.0, 0.5])
+def test_folder_round_trip(vae: AutoencoderKL, tmp_path: Path, width_keep: float) -> None:
+    pruned, record = prune_decoder(vae, 0.5, width_keep)
     save_compressed(pruned, record, tmp_path, {"base": "test"}, {"steps": 0})
     meta = json.loads((tmp_path / "snapc_decoder.json").read_text())
-    assert meta["format"] == FORMAT and meta["layout"] == record.layout()
+    assert meta["format"] == FORMAT and meta["layout"] == module_layout(pruned)
     loaded = load_compressed_vae(tmp_path)
     assert isinstance(loaded, AutoencoderKL)
     torch.testing.assert_close(_decode(loaded, _z()), _decode(pruned, _z()))
-    assert load_vae(str(tmp_path)).vae.decoder.up_blocks[0].resnets[0].conv1.out_channels == 16
+    again = load_vae(str(tmp_path)).vae
+    assert module_layout(again) == module_layout(pruned)
+    assert again.decoder.up_blocks[0].resnets[0].conv1.in_channels == round(32 * width_keep)
 
 
 def test_keep_one_folder_loads_in_plain_diffusers(vae: AutoencoderKL, tmp_path: Path) -> None:
@@ -165,9 +209,9 @@ def test_command_distils_and_writes(vae_folder: Path, tmp_path: Path) -> None:
     save_file({"latents": _z(6)}, str(tmp_path / "z.safetensors"))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [
-        "compress-decoder", str(vae_folder), "--keep", "0.5", "--steps", "3", "--batch", "2",
-        "--warmup", "1", "--latents", str(tmp_path / "z.safetensors"), "--train-device", "cpu",
-        "-o", str(out), "--json"])
+        "compress-decoder", str(vae_folder), "--keep", "0.5", "--width-keep", "0.5", "--steps", "3",
+        "--batch", "2", "--warmup", "1", "--latents", str(tmp_path / "z.safetensors"),
+        "--train-device", "cpu", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout[result.stdout.index("{"):])
     fig = record["figures"]
@@ -184,6 +228,7 @@ def test_command_distils_and_writes(vae_folder: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, says", [
     (["--keep", "0"], "--keep must be in (0, 1]"),
     (["--keep", "1.5"], "--keep must be in (0, 1]"),
+    (["--width-keep", "0"], "--width-keep must be in (0, 1]"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--latents", "missing.safetensors"], "latents file missing.safetensors not found"),
     (["--device", "nokia3310"], "unknown device"),
