@@ -34,6 +34,10 @@ _TRANSFORMER_TYPE = re.compile(
     r"(transformer2dmodel|spatialtransformer|transformerblock|attentionblock|attnblock)",
     re.IGNORECASE,
 )
+# diffusers' bare attention layer is a block where no transformer holds it: the self-attention
+# of a VAE mid block (AutoencoderKL's decoder, snapc.vae); inside a Transformer2DModel the
+# transformer is the outermost match, so UNet block maps do not change.
+_ATTENTION_TYPE = re.compile(r"^Attention$")
 # Containers (diffusers' CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn, ...) hold blocks; they
 # are not blocks themselves even when their names match the patterns above.
 _CONTAINERS = re.compile(r"(Down|Up|Mid)Block|UNet|Encoder|Decoder", re.IGNORECASE)
@@ -44,7 +48,7 @@ def classify_module_type(module_type: str) -> str | None:
     cls = module_type.rsplit(".", 1)[-1]
     if _CONTAINERS.search(cls):
         return None
-    if _TRANSFORMER_TYPE.search(cls):
+    if _TRANSFORMER_TYPE.search(cls) or _ATTENTION_TYPE.match(cls):
         return TRANSFORMER
     if _RESNET_TYPE.search(cls):
         return RESNET

@@ -23,8 +23,8 @@ __all__ = ["generate_command"]
 
 def generate_command(
     artifact: Annotated[Path, typer.Argument(
-        help="artifact folder of `snapc compile MODEL --target onnx --components "
-             "unet,text_encoder -o DIR`")],
+        help="artifact folder of `snapc compile MODEL --target onnx|x86 --components "
+             "unet,text_encoder[,vae_decoder] -o DIR`")],
     output: Annotated[Path, typer.Option("--output", "-o",
                                          help="folder to create: NNN.png per prompt, grid.png, "
                                               "results.json")],
@@ -41,21 +41,26 @@ def generate_command(
     force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Generate one image per prompt with the compiled components of ARTIFACT."""
+    """Generate one image per prompt with the compiled components of ARTIFACT (ONNX on
+    onnxruntime, TVM x86 through its VM; a pipeline's VAE decoder turns latents into the
+    picture)."""
     from snapc.artifacts import check_output_dir
     from snapc.evaluation import resolve_sampler
-    from snapc.generate import check_prompts, generate, load_artifact, read_prompts, write_images
+    from snapc.generate import generate, load_artifact, read_prompts, write_images
 
     start = time.perf_counter()
     try:
         prompts = list(prompt or [])
         if prompts_file is not None:
             prompts += read_prompts(prompts_file)
-        check_prompts(prompts)
+        if not prompts:
+            raise SnapcError("no prompts; give --prompt TEXT (repeatable) or --prompts-file "
+                             "FILE")
         check_output_dir(output, force)
         if steps is not None and steps < 1:
             raise SnapcError(f"--steps must be >= 1, not {steps}")
-        loaded = load_artifact(artifact)
+        loaded = load_artifact(artifact)  # runtimes start on first use
+        loaded.tokenize(prompts)  # every prompt checked before anything runs
         spec = resolve_sampler(loaded.sampler, steps=steps, guidance=guidance)
         if loaded.random_weights:
             err.print(f"[yellow]warning:[/] model '{loaded.name}' has random weights: its "
@@ -75,12 +80,14 @@ def generate_command(
         matched = [r["matches"] for r in records if r.get("matches") is not None]
         summary = {"artifact": str(artifact), "model": loaded.name, "base": loaded.base,
                    "sampler": spec.to_json(), "seed": seed, "prompts": len(prompts),
-                   "runtime": "onnxruntime-cpu"}
+                   "runtime": loaded.runtime}
         if loaded.shapes:
             summary |= {"scored": len(matched), "matched": sum(matched),
                         "match_rate": sum(matched) / len(matched) if matched else None}
         summary["seconds"] = round(time.perf_counter() - start, 2)
-        result = write_images(output, images, records, force=force, summary=summary)
+        grid_scale = max(1, 128 // int(images.shape[-1]))
+        result = write_images(output, images, records, force=force, summary=summary,
+                              grid_scale=grid_scale)
     except SnapcError as exc:
         fail(exc)
     if as_json:

@@ -160,7 +160,8 @@ TINY_XL_CONFIG: dict = {
     "norm_num_groups": 8,
 }
 
-CONTEXT_LEN = {"sd15": 77, "sd21-base": 77, "sdxl": 77, "tiny": 16, "tiny-xl": 16}
+CONTEXT_LEN = {"sd15": 77, "sd21-base": 77, "sdxl": 77, "tiny": 16, "tiny-xl": 16,
+               "sd15-pipeline": 77, "tiny-pipeline": 16}
 # SDXL's added conditioning: original size, crop top-left and target size, in pixels.
 TIME_IDS = 6
 
@@ -280,6 +281,15 @@ MODELS: dict[str, ModelSpec] = {
     "tiny-xl": ModelSpec("tiny-xl", "small SDXL-shaped UNet with added conditioning for tests "
                          "(random weights)", _random_unet("tiny-xl", TINY_XL_CONFIG),
                          TINY_XL_CONFIG),
+    # Whole pipelines (UNet + CLIP text encoder + VAE, snapc.pipeline_models): the UNet here,
+    # every component with --components.
+    "sd15-pipeline": ModelSpec("sd15-pipeline", "Stable Diffusion v1.5 pipeline layout: sd15 "
+                               "UNet, CLIP ViT-L/14 text encoder, AutoencoderKL, offline "
+                               "tokenizer (random weights)", _random_unet("sd15-pipeline",
+                                                                          SD15_CONFIG)),
+    "tiny-pipeline": ModelSpec("tiny-pipeline", "small SD-1.5-layout pipeline for tests: tiny "
+                               "UNet, CLIP text encoder, VAE (random weights)",
+                               _random_unet("tiny-pipeline", TINY_CONFIG)),
     "shapes": ModelSpec("shapes", "trained 32x32 text-to-image reference model (shipped)",
                         _shapes),
     "shapes-small": ModelSpec(
@@ -418,6 +428,16 @@ def _pipeline_unet(folder: Path) -> Path:
     return unet
 
 
+def _pipeline_context_len(folder: Path) -> int:
+    """Return the text length a pipeline folder's UNet sees: its text encoder's
+    ``max_position_embeddings`` (77 for SD's CLIP, also when text_encoder/ is absent)."""
+    try:
+        config = json.loads((folder / "text_encoder" / "config.json").read_text())
+        return int(config.get("max_position_embeddings", 77))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return 77  # no readable text encoder: SD's length (compiling it reports the problem)
+
+
 def _load_folder(folder: Path, batch: int, latent: int | None, seed: int) -> LoadedModel:
     from diffusers import UNet2DConditionModel
 
@@ -425,7 +445,9 @@ def _load_folder(folder: Path, batch: int, latent: int | None, seed: int) -> Loa
 
     name = folder.name
     fix = "point at a diffusers UNet folder"
+    context_len = 77
     if (folder / PIPELINE_INDEX).is_file() and not (folder / "config.json").is_file():
+        context_len = _pipeline_context_len(folder)
         folder = _pipeline_unet(folder)
         fix = "save the whole pipeline again with save_pretrained"
     if is_pruned_folder(folder):
@@ -445,7 +467,7 @@ def _load_folder(folder: Path, batch: int, latent: int | None, seed: int) -> Loa
         raise WeightsError(f"{config_path}: not a UNet2DConditionModel config ({exc})") from exc
     load_state_strict(module, _read_folder_weights(weights), weights)
     clean = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
-    inputs = unet_example_inputs(clean, batch, latent, 77, "cpu", seed)
+    inputs = unet_example_inputs(clean, batch, latent, context_len, "cpu", seed)
     info = ModelInfo(name=name, random_weights=False, config=clean,
                      weights_path=str(weights), weights_sha256=_file_sha256(weights))
     return LoadedModel(module.eval(), inputs, info)
