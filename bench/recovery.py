@@ -197,7 +197,40 @@ def plot(path: Path) -> str:
                      f"{r['blocks_removed']} | {r['adherence_before']:.3f} | "
                      f"**{r['adherence']:.3f}** | {r['fd']:.1f} | {r['gpu_minutes']:.1f} "
                      f"({r.get('robust_minutes', 0):.1f}) | {search} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + _screening_table(rows)
+
+
+def _screening_table(rows: list[dict]) -> str:
+    """For each screened snapc row: every candidate's screening score beside its adherence
+    after the full recovery (the snapc row for the search's pick, the ``random`` row of the
+    same seed and set for ``random-k``), and the Spearman rank correlation of the two."""
+    from snapc.quality import spearman
+
+    out = []
+    for r in (r for r in rows if r["method"] == "snapc" and r.get("screening")):
+        pairs = []
+        for c in r["screening"]:
+            if c["origin"] == "search":
+                full = r
+            else:
+                seed = int(c["origin"].split("-")[1])
+                full = next((x for x in rows if x["method"] == "random" and x["budget"]
+                             == r["budget"] and x.get("seed") == seed and
+                             sorted(x["removed"]) == sorted(c["removed"])), None)
+            pairs.append((c["origin"], 1 - c["score"], full and full["adherence"]))
+        lines = [f"\n\nScreening at budget {r['budget']} (adherence after "
+                 f"{r['screen_minutes'] / len(pairs):.1f} GPU-min vs after the full recovery):"
+                 "\n", "| candidate | screened | fully recovered |", "|---|---|---|"]
+        lines += [f"| {o} | {a:.3f} | {'-' if b is None else f'{b:.3f}'} |" for o, a, b in pairs]
+        known = [(a, b) for _, a, b in pairs if b is not None]
+        if len(known) >= 3:
+            rho = spearman([a for a, _ in known], [b for _, b in known])
+            lines.append(f"\nSpearman rank correlation over {len(known)} sets: {rho:+.2f}")
+        else:
+            lines.append(f"\n({len(known)} of {len(pairs)} candidates fully recovered so far: "
+                         "run `--methods random` at this budget for the rest)")
+        out.append("\n".join(lines))
+    return "".join(out)
 
 
 def main() -> None:

@@ -171,6 +171,43 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _goals(rows: list[dict]) -> str:
+    """Issue 17's goals, each with the row that answers it (or 'not measured')."""
+    def find(model: str, steps: int) -> dict | None:
+        return next((r for r in rows if r["model"] == model and r["steps"] == steps
+                     and r["spacing"] == "trailing"), None)
+
+    goals = [("student", 4, 0.92, 30.0), ("student", 2, 0.88, None),
+             ("shapes-fast", 4, 0.91, None)]
+    lines = ["", "", "| goal | measured | met |", "| --- | --- | --- |"]
+    for model, steps, adherence, fd in goals:
+        want = f"{model} at {steps} steps: adherence >= {adherence}" + (
+            f", FD <= {fd:g}" if fd is not None else "")
+        r = find(model, steps)
+        if r is None:
+            lines.append(f"| {want} | not measured | - |")
+            continue
+        met = r["adherence"] >= adherence and (fd is None or r["fd"] <= fd)
+        lines.append(f"| {want} | {r['adherence']:.3f} / FD {r['fd']:.1f} | "
+                     f"{'yes' if met else 'no'} |")
+    return "\n".join(lines)
+
+
+def _cpu_check() -> str:
+    """The `snapc evaluate shapes-fast` run on the CPU, when its JSON is in bench/out."""
+    path = REPO / "bench" / "out" / "evaluate_shapes_fast_cpu.json"
+    if not path.is_file():
+        return ""
+    r = json.loads(path.read_text())
+    return (f"\n`snapc evaluate shapes-fast --prompts {r['prompts']} --json` on the 2-core CPU "
+            f"(its own sampler: {r['steps']} {r['spacing']} steps, guidance {r['guidance']:g} "
+            f"built in, {r['unet_calls_per_image']} UNet calls per image): adherence "
+            f"**{r['adherence']:.3f}**, exact {r['exact']:.3f}, FD {r['fd']:.1f} (FD of "
+            f"{r['prompts']} samples is biased upward), {r['seconds']:.0f} s "
+            f"(`bench/out/{path.name}`). The 25-step CFG teacher scores 0.934 / FD 20.9 on "
+            "the 1000 prompts (\"Reference model: shapes\").\n")
+
+
 def plot(args) -> None:
     import matplotlib
 
@@ -202,12 +239,12 @@ def plot(args) -> None:
     a.grid(alpha=0.3)
     b.grid(alpha=0.3)
     png = save_figure(fig, args.out.with_suffix(".png"))
-    table = _table(rows)
+    table = _table(rows) + _goals(rows)
     prompts = sorted({r["prompts"] for r in rows})
     body = (f"Measured on {data['machine']} by `bench/step_distill.py`, "
             f"{'/'.join(map(str, prompts))} validation prompts, CFG {GUIDANCE:g} (built into "
             f"the students). Plot: `{png.relative_to(REPO) if png.is_relative_to(REPO) else png}`"
-            f".\n\n{table}\n")
+            f".\n\n{table}\n") + _cpu_check()
     md = args.out.with_suffix(".md")
     with atomic_output_file(md) as tmp:
         tmp.write_text(body)
