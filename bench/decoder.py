@@ -1,4 +1,7 @@
-"""Decoder compression on shapes-latent: original vs 50% / 75% of ResNet channels removed.
+"""Decoder compression on shapes-latent: original vs 50% / 75% of decoder channels removed.
+
+A variant ``K:W`` keeps K of every ResNet's inner channels and W of every block width (the
+default 0.5:0.5 and 0.25:0.25 remove 50% and 75% of both).
 
 Per decoder: params, GMACs and predicted ``iphone14pro-ane`` / ``adreno740`` ms (snapc's cost
 model, fp16, one 16x16x4 latent), and whole-pipeline prompt adherence and FD (``--prompts``
@@ -26,10 +29,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from snapc.artifacts import atomic_output_file  # noqa: E402
+from snapc.shapes_latent.config import WEIGHTS_DIR  # noqa: E402
 
-OUT = REPO / "bench" / "out" / "decoder.json"
+OUT = REPO / "bench" / "out" / "decoder.json"  # --rows overrides (smoke runs)
 WORK = REPO / "out" / "decoder-bench"
 DEVICES = ("iphone14pro-ane", "adreno740")
+
+
+def _use_rows(path: Path) -> None:
+    global OUT
+    OUT = path
 
 
 def _load_rows() -> list[dict]:
@@ -47,7 +56,16 @@ def _add_row(row: dict, machine: str) -> None:
     print(json.dumps(row), flush=True)
 
 
-def figures_only(keeps: list[float], machine: str) -> None:
+def _variant(text: str) -> tuple[float, float]:
+    keep, _, width = text.partition(":")
+    return float(keep), float(width or 1.0)
+
+
+def _key(model: str, keep: float, width: float) -> str:
+    return f"{model}@{keep:g}:{width:g}"
+
+
+def figures_only(variants: list[tuple[float, float]], machine: str) -> None:
     """Rows of params / GMACs / predicted ms for random-weight decoders (no quality)."""
     import warnings
 
@@ -57,10 +75,12 @@ def figures_only(keeps: list[float], machine: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             loaded = load_vae(model)
-        for keep in [1.0, *keeps]:
-            vae, record = prune_decoder(loaded.vae, keep)
-            row = {"key": f"{model}@{keep}", "model": model, "keep": keep,
+        for keep, width in [(1.0, 1.0), *variants]:
+            vae, record = prune_decoder(loaded.vae, keep, width)
+            row = {"key": _key(model, keep, width), "model": model, "keep": keep,
+                   "width_keep": width,
                    "channels_removed": round(record.channels_removed("inner"), 4),
+                   "width_removed": round(record.channels_removed("stream"), 4),
                    "random_weights": True, "distilled": False,
                    **decoder_figures(vae, loaded.latent_hw, DEVICES)}
             _add_row(row, machine)
@@ -119,33 +139,36 @@ def run(args, machine: str) -> None:
     from snapc.shapes_latent.pipeline import generate, load_pipeline
     from snapc.train import TrainOptions
 
-    pipeline = tuple(m.to(args.train_device) for m in load_pipeline())
+    model = "shapes-latent" if args.weights == WEIGHTS_DIR else str(args.weights / "vae")
+    pipeline = tuple(m.to(args.train_device) for m in load_pipeline(args.weights))
     vae, unet, text = pipeline
     codes = validation_codes(args.prompts)
     latents, _ = generate(vae, unet, text, [caption(int(c)) for c in codes],
                           device=args.train_device)
     done = {r["key"] for r in _load_rows()}
-    if "shapes-latent@1.0" not in done:
-        row = {"key": "shapes-latent@1.0", "model": "shapes-latent", "keep": 1.0,
-               "channels_removed": 0.0, "random_weights": False, "distilled": False,
+    if _key("shapes-latent", 1.0, 1.0) not in done:
+        row = {"key": _key("shapes-latent", 1.0, 1.0), "model": "shapes-latent", "keep": 1.0,
+               "width_keep": 1.0, "channels_removed": 0.0, "width_removed": 0.0,
+               "random_weights": False, "distilled": False,
                **decoder_figures(vae.cpu(), (LATENT_SIZE, LATENT_SIZE), DEVICES),
                "quality": _quality(vae, latents, codes, args.train_device),
                "prompts": args.prompts}
         _add_row(row, machine)
     distill = _distill_latents(pipeline, args.distill_latents, args.train_device)
-    for keep in args.keeps:
-        key = f"shapes-latent@{keep}"
+    for keep, width in args.variants:
+        key = _key("shapes-latent", keep, width)
         if key in done:
             continue
-        out = WORK / f"keep-{keep}"
+        out = WORK / f"keep-{keep:g}-width-{width:g}"
         record = compress_decoder(
-            CompressOptions("shapes-latent", out, keep=keep, latents=distill, devices=DEVICES,
-                            force=True),
+            CompressOptions(model, out, keep=keep, width_keep=width, latents=distill,
+                            devices=DEVICES, force=True),
             TrainOptions(minutes=args.minutes, batch=args.batch, lr=args.lr, warmup=100,
                          device=args.train_device, checkpoint_every=500),
             DecoderLoss(pixel=1.0, feature=args.feature_weight))
-        row = {"key": key, "model": "shapes-latent", "keep": keep,
-               "channels_removed": record["channels_removed"], "random_weights": False,
+        row = {"key": key, "model": "shapes-latent", "keep": keep, "width_keep": width,
+               "channels_removed": record["channels_removed"],
+               "width_removed": record["width_removed"], "random_weights": False,
                "distilled": True, **record["figures"]["compressed"],
                "training": {k: record["training"][k] for k in ("steps", "train_seconds",
                                                                "final_loss")},
@@ -157,12 +180,13 @@ def run(args, machine: str) -> None:
 
 def table() -> str:
     """Return the markdown table of the rows."""
-    lines = ["| decoder | channels removed | params (M) | GMACs | iphone14pro-ane ms | "
-             "adreno740 ms | adherence | FD | weights |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(_load_rows(), key=lambda r: (r["model"], -r["keep"])):
+    lines = ["| decoder | ResNet / width channels removed | params (M) | GMACs | "
+             "iphone14pro-ane ms | adreno740 ms | adherence | FD | weights |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(_load_rows(), key=lambda r: (r["model"], -r["keep"], -r["width_keep"])):
         q = r.get("quality") or {}
         lines.append(
-            f"| {r['model']} keep {r['keep']:g} | {r['channels_removed']:.0%} | "
+            f"| {r['model']} | {r['channels_removed']:.0%} / {r['width_removed']:.0%} | "
             f"{r['params'] / 1e6:.3f} | {r['gmacs']:.3f} | {r['ms']['iphone14pro-ane']:.2f} | "
             f"{r['ms']['adreno740']:.2f} | {q.get('adherence', '-')} | {q.get('fd', '-')} | "
             f"{'random (cost only)' if r['random_weights'] else 'trained'} |")
@@ -172,8 +196,9 @@ def table() -> str:
 def main() -> None:
     """Parse arguments and run the chosen mode."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--keeps", type=float, nargs="*", default=[0.5, 0.25],
-                   help="fractions of ResNet channels kept (0.5: 50%% removed)")
+    p.add_argument("--variants", type=_variant, nargs="*",
+                   default=[(0.5, 0.5), (0.25, 0.25)],
+                   help="KEEP:WIDTH_KEEP pairs (0.5:0.5 removes 50%% of both)")
     p.add_argument("--minutes", type=float, default=5.0, help="distillation minutes each")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -181,6 +206,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=1000)
     p.add_argument("--distill-latents", type=int, default=4096,
                    help="UNet latents sampled once as distillation data")
+    p.add_argument("--weights", type=Path, default=WEIGHTS_DIR,
+                   help="shapes-latent folder (default: the shipped one)")
+    p.add_argument("--rows", type=Path, default=OUT, help="rows file (default %(default)s)")
     p.add_argument("--train-device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--figures-only", action="store_true",
                    help="params / GMACs / predicted ms on random-weight decoders (CPU)")
@@ -188,6 +216,7 @@ def main() -> None:
     p.add_argument("--write-results", action="store_true",
                    help="with --table: write it into bench/RESULTS.md")
     args = p.parse_args()
+    _use_rows(args.rows)
     from results import machine, write_section
 
     if args.table:
@@ -197,7 +226,7 @@ def main() -> None:
             write_section("Decoder compression", body)
         return
     if args.figures_only:
-        figures_only(args.keeps, machine())
+        figures_only(args.variants, machine())
     else:
         run(args, machine())
 

@@ -252,3 +252,4 @@ def test_bad_model_and_existing_output(tmp_path: Path, vae_folder: Path) -> None
     (tmp_path / "exists").mkdir()
     assert "pass --force" in one_error_line(
         run(app, ["compress-decoder", str(vae_folder), "-o", str(tmp_path / "exists")]))
+
