@@ -37,7 +37,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6,
+                   help="KL per latent element against MSE per pixel (SD 1.x: ~1e-7)")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--eval-prompts", type=int, default=1000)
     p.add_argument("--eval-steps", type=int, default=25)

@@ -51,7 +51,7 @@ class PhaseOptions:
     out: Path
     eval_prompts: int = 1000
     eval_steps: int = 25  # DDIM steps of the adherence check (with CFG 3)
-    kl_weight: float = 1e-3
+    kl_weight: float = 1e-6  # per latent element vs per-pixel MSE; SD 1.x: ~1e-7 here
     caption_dropout: float = 0.1
     scale_samples: int = 1024  # training scenes whose latent std sets scaling_factor
     resume: bool = False
