@@ -24,8 +24,8 @@ _METRICS = ("adherence", "exact", "count", "colour", "shape", "size", "position"
 
 def evaluate_command(
     model: Annotated[str, typer.Argument(
-        help="shapes or a shapes-* name, a pruned-UNet folder of a shapes base, or an ONNX "
-             "artifact folder compiled from one")],
+        help="shapes or a shapes-* name, a pruned-UNet folder of a shapes base, an ONNX "
+             "artifact folder compiled from one, or shapes-latent (or a folder of its layout)")],
     prompts: Annotated[int, typer.Option(
         help="validation prompts (the published figures use 1000)")] = 200,
     steps: Annotated[int | None, typer.Option(
@@ -41,24 +41,42 @@ def evaluate_command(
         help="prompts per sampling chunk (default 250; an artifact uses its own batch)")]
     = None,
     seed: Annotated[int, typer.Option(help="seed of the start noise")] = 0,
+    decoder: Annotated[str | None, typer.Option(
+        help="shapes-latent only: decode with this decoder folder instead (snapc "
+             "compress-decoder -o DIR); same prompts and start noise")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Score MODEL's prompt adherence and Fréchet distance on the shapes validation prompts."""
+    """Score MODEL's prompt adherence and Fréchet distance on the shapes validation prompts
+    (shapes-latent: the whole pipeline, decoder included, or with --decoder DIR)."""
     from snapc.evaluation import check_request, evaluate_model, load_denoiser
+    from snapc.evaluation_latent import (
+        check_latent_request,
+        evaluate_latent,
+        is_latent_model,
+        load_latent_pipeline,
+    )
 
     try:
         check_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch,
                       device=eval_device)
+        latent = is_latent_model(model)
+        if latent:
+            check_latent_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch)
+        if decoder is not None and not latent:
+            raise SnapcError(f"--decoder replaces the decoder of a latent pipeline; '{model}' "
+                             "samples in pixel space: drop --decoder or evaluate shapes-latent")
         with err.status(f"loading {model}"):
-            loaded = load_denoiser(model, eval_device)
-        if loaded.random_weights:
+            loaded = (load_latent_pipeline(model, decoder=decoder, device=eval_device)
+                      if latent else load_denoiser(model, eval_device))
+        if not latent and loaded.random_weights:
             err.print(f"[yellow]warning:[/] model '{loaded.name}' has random weights: its "
                       "scores say nothing about a trained model", soft_wrap=True)
         with Progress(TextColumn("sampling"), BarColumn(),
                       TextColumn("{task.completed}/{task.total} images"), TimeElapsedColumn(),
                       console=err, transient=True) as bar:
             task = bar.add_task("sampling", total=prompts)
-            result = evaluate_model(
+            evaluate = evaluate_latent if latent else evaluate_model
+            result = evaluate(
                 loaded, prompts=prompts, steps=steps, guidance=guidance, spacing=spacing,
                 batch=batch, seed=seed,
                 progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -71,7 +89,8 @@ def evaluate_command(
     guided = (f"guidance {result['guidance']:g} built in" if result["guidance_embedded"]
               else f"CFG {result['guidance']:g}")
     out.print(f"snapc evaluate {model}: base {result['base']}, {result['prompts']} prompts, "
-              f"{result['steps']} {result['spacing']} DDIM steps, {guided}, {result['device']}")
+              f"{result['steps']} {result['spacing']} DDIM steps, {guided}, {result['device']}"
+              + (f", decoder {result['decoder']}" if "decoder" in result else ""))
     view = Table()
     view.add_column("metric")
     view.add_column("value", justify="right")
@@ -79,5 +98,7 @@ def evaluate_command(
         view.add_row(key, f"{result[key]:.3f}")
     view.add_row("FD", f"{result['fd']:.1f}")
     view.add_row("UNet calls per image", str(result["unet_calls_per_image"]))
+    if "decoder_params" in result:
+        view.add_row("decoder params", f"{result['decoder_params']:,}")
     view.add_row("seconds", f"{result['seconds']:.1f}")
     out.print(view)

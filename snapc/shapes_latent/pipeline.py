@@ -9,6 +9,7 @@ shapes scene decoder, so prompt adherence is the same metric as for ``shapes``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,8 +72,13 @@ def sample_latents(unet: nn.Module, context: torch.Tensor, uncond: torch.Tensor,
 @torch.no_grad()
 def generate(vae: nn.Module, unet: nn.Module, text: TextEncoder, captions: list[str], *,
              steps: int = 25, guidance: float = 3.0, seed: int = 0, batch: int = 250,
-             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (latents, 64x64 images in [-1, 1]) of captions; image i depends on i and seed."""
+             device: torch.device | str = "cpu",
+             progress: Callable[[int, int], None] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (latents, 64x64 images in [-1, 1]) of captions; image i depends on i and seed.
+
+    progress(done, total) is called after each chunk of ``batch`` images.
+    """
     device = torch.device(device)
     channels = unet.config.in_channels
     gen = torch.Generator().manual_seed(seed)
@@ -86,6 +92,8 @@ def generate(vae: nn.Module, unet: nn.Module, text: TextEncoder, captions: list[
                            noise=noise[start:start + batch].to(device))
         latents.append(z.cpu())
         images.append(vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1).cpu())
+        if progress is not None:
+            progress(start + len(chunk), len(captions))
     return torch.cat(latents), torch.cat(images)
 
 
