@@ -109,6 +109,13 @@ def compile_cmd(
         help="compile these components into sub-folders with a top-level manifest: unet, "
              "text_encoder (comma-separated; default: the UNet alone, as one artifact)")]
     = None,
+    tuning: Annotated[Path | None, typer.Option(
+        help="TVM targets: apply these MetaSchedule records (from `snapc tune`)")] = None,
+    offload: Annotated[str | None, typer.Option(
+        help="TVM targets: vendor library for heavy ops: cublas, cudnn (cuda), clml (adreno), "
+             "dnnl (x86)")] = None,
+    mcpu: Annotated[str | None, typer.Option(
+        help="TVM cpu targets: LLVM CPU (native: this machine's)")] = None,
 ) -> None:
     """Compile MODEL for a target; exit 0 only when the artifact verified.
 
@@ -132,12 +139,18 @@ def compile_cmd(
               "compute_units": coreml_compute_units, "attention": coreml_attention,
               "verifier": coreml_verifier}
     given = [f"--coreml-{k.replace('_', '-')}" for k, v in coreml.items() if v is not None]
+    tvm = {"tuning": str(tuning) if tuning else None, "offload": offload, "mcpu": mcpu}
     options = CompileOptions(model=model, target=target, out=output, arch=arch,
                              remove=tuple(remove or ()), latent=latent, batch=batch,
                              force=force, seed=seed, search=search, fusions=fusions,
                              quantize=quant,
-                             target_options={k: v for k, v in coreml.items() if v is not None})
+                             target_options={k: v for k, v in {**coreml, **tvm}.items()
+                                             if v is not None})
     try:
+        tvm_given = [f"--{k}" for k, v in tvm.items() if v is not None]
+        if tvm_given and get_target(target).module != "snapc.targets.tvm":
+            raise SnapcError(f"{', '.join(tvm_given)} applies only to the TVM targets (x86, "
+                             f"cuda, arm-cpu, mali, adreno), not --target {target}")
         if given and not get_target(target).name.startswith("coreml"):
             raise SnapcError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
                              "only to the coreml targets (coreml, coreml-palette6), not "
@@ -439,6 +452,15 @@ def _register_decoder_command() -> None:
 
 
 _register_decoder_command()
+
+
+def _register_tune_command() -> None:
+    from snapc.cli_tune import tune_command
+
+    app.command("tune")(tune_command)
+
+
+_register_tune_command()
 
 
 def main() -> None:

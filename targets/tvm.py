@@ -32,7 +32,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,11 @@ class TvmOptions:
     ``kernel_sample``: how many OpenCL kernels run on PoCL against x86.
     ``tensor_cores``: on cuda, let dlight tensorize fp16 matmuls for tensor cores; off by
     default because that path (``s_tir`` Tensorize) segfaults in TVM 0.27 on the SD-1.5 UNet.
+    ``tuning``: a records folder from ``snapc tune`` for this target; its tuned kernels are
+    applied (snapc.targets.tvm_tuning), the rest keep the default schedules.
+    ``offload``: a vendor library for the heavy operators (cublas, cudnn, clml, dnnl; see
+    snapc.targets.tvm_offload), refused when this TVM cannot build it.
+    ``mcpu``: the LLVM CPU of the cpu targets (``native`` is this machine's); None: generic.
     """
 
     target: str = "x86"
@@ -85,6 +90,34 @@ class TvmOptions:
     min_psnr_db: float | None = None
     kernel_sample: int = 4
     tensor_cores: bool = False
+    tuning: str | None = None
+    offload: str | None = None
+    mcpu: str | None = None
+
+    def check(self) -> None:
+        """Raise a one-line SnapcError for a bad target, offload library or records folder."""
+        spec = target_spec(self.target)
+        if self.mcpu is not None and spec.device != "cpu":
+            raise SnapcError(f"mcpu applies to the cpu targets (x86, arm-cpu), not {spec.name}")
+        if self.offload is None and self.tuning is None:
+            return
+        _check_tvm()
+        if self.offload is not None:
+            from snapc.targets.tvm_offload import check_offload
+
+            check_offload(self.offload, spec.name)
+        if self.tuning is not None:
+            from snapc.targets.tvm_tuning import check_ffi, check_records
+
+            check_ffi()
+            toolchain = find_toolchain(self.host_os) if spec.aarch64 else None
+            check_records(Path(self.tuning), spec.name, _tvm_target(spec, toolchain, self))
+
+
+def _llvm_cpu(name: str) -> str:
+    import tvm
+
+    return tvm.target.codegen.llvm_get_system_cpu() if name == "native" else name
 
 
 def _tvm_target(spec: TvmTargetSpec, toolchain: Toolchain | None,
@@ -95,6 +128,8 @@ def _tvm_target(spec: TvmTargetSpec, toolchain: Toolchain | None,
         attrs = dict(spec.tvm_dict or {})
         if toolchain is not None:
             attrs["mtriple"] = toolchain.triple
+        if options.mcpu is not None:
+            attrs["mcpu"] = _llvm_cpu(options.mcpu)
         return tvm.target.Target(attrs)
     host = {"kind": "llvm", "mtriple": toolchain.triple if toolchain else "x86_64-linux-gnu"}
     if spec.device == "cuda":
@@ -106,15 +141,16 @@ def _tvm_target(spec: TvmTargetSpec, toolchain: Toolchain | None,
 
 
 def _lower_for(spec: TvmTargetSpec, graph: Graph, built: Imported, precision: str,
-               target: tvm.target.Target, options: TvmOptions,
-               notes: list[str]) -> tuple[Lowered, tvm.target.Target]:
-    """Return the lowered module and the TVM target used; on adreno probe textures first."""
+               target: tvm.target.Target, options: TvmOptions, notes: list[str],
+               database: Any = None) -> tuple[Lowered, tvm.target.Target]:
+    """Return the lowered module and the TVM target used; on adreno probe textures first
+    (not with tuning records: they were tuned for the buffer target)."""
     import tvm
 
     from snapc.targets.tvm_build import lower
     from snapc.targets.tvm_texture import probe_isolated
 
-    if spec.texture_tag and options.texture:
+    if spec.texture_tag and options.texture and database is None:
         texture = tvm.target.Target(spec.texture_tag, host=target.host)
         probe = probe_isolated(graph.program, precision, texture)
         if probe.ok:
@@ -125,7 +161,8 @@ def _lower_for(spec: TvmTargetSpec, graph: Graph, built: Imported, precision: st
         notes.append(message)
     if spec.device == "cuda" and not options.tensor_cores and precision == "fp16":
         notes.append(TENSOR_CORES_OFF)
-    return lower(built.module, target, tensor_cores=options.tensor_cores), target
+    return lower(built.module, target, tensor_cores=options.tensor_cores,
+                 database=database), target
 
 
 def _write_library(executable: tvm.runtime.Executable, path: Path,
@@ -343,8 +380,18 @@ def export(
     imported = import_graph(graph.program)
     timings["import_s"] = imported.import_s
     built = to_fp16(imported) if precision == "fp16" else imported
-    progress(f"lowering for {spec.name}")
-    lowered, target = _lower_for(spec, graph, built, precision, target, options, notes)
+    options.check()
+    if options.offload is not None:
+        from snapc.targets.tvm_offload import OFFLOADS, partition
+
+        progress(f"partitioning for {options.offload}")
+        built = replace(built, module=partition(built.module, OFFLOADS[options.offload]))
+    database, tuning = _tuning_database(options, precision)
+    progress(f"lowering for {spec.name}" + (" with tuned kernels" if database else ""))
+    lowered, target = _lower_for(spec, graph, built, precision, target, options, notes,
+                                 database)
+    if tuning:
+        tuning["applied_kernels"] = _tuned_kernels(lowered.module)
     timings["lower_s"] = lowered.lower_s
     progress("compiling (TIR pipeline and codegen)")
     start = time.perf_counter()
@@ -388,6 +435,8 @@ def export(
             "param_sources": imported.param_sources,
             **({"cuda_kernels": cuda_kernels} if cuda_kernels else {}),
             **({"quantized_weights": quantized} if quantized else {}),
+            **({"tuning": tuning} if tuning else {}),
+            **({"offload": options.offload} if options.offload else {}),
             "toolchain": toolchain.to_json() if toolchain else {"compiler": "g++ (host)"},
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "library_bytes": (out_dir / LIBRARY).stat().st_size,
@@ -397,6 +446,32 @@ def export(
     if original.quant:
         manifest.quantization["realised"] = _realised(original.quant, quantized)
     return manifest
+
+
+def _tuning_database(options: TvmOptions, precision: str) -> tuple[Any, dict[str, Any]]:
+    """Return (MetaSchedule database, manifest record) of ``options.tuning``, or (None, {})."""
+    if options.tuning is None:
+        return None, {}
+    from snapc.targets.tvm_tuning import count_records, open_database, read_index
+
+    folder = Path(options.tuning)
+    index = read_index(folder)
+    if index.get("precision", precision) != precision:
+        raise SnapcError(f"tuning records {folder} were tuned at {index['precision']}, this "
+                         f"build is {precision}; tune at {precision} or set the precision")
+    workloads, records = count_records(folder)
+    return open_database(folder), {
+        "records": str(folder.resolve()), "device": index["device"],
+        "models": index.get("models", []), "workloads": workloads, "records_count": records}
+
+
+def _tuned_kernels(module: tvm.ir.IRModule) -> dict[str, int]:
+    """Return how many TIR kernels of ``module`` carry a schedule (tuned or dlight) and in all."""
+    import tvm
+
+    funcs = [f for _, f in module.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    scheduled = sum(1 for f in funcs if f.attrs is not None and "tirx.is_scheduled" in f.attrs)
+    return {"kernels": len(funcs), "scheduled_after_lowering": scheduled}
 
 
 def _realised(records: dict[str, dict[str, Any]], quantized: dict[str, Any]) -> dict[str, Any]:

@@ -158,11 +158,16 @@ def lower(
     target: tvm.target.Target,
     instruments: list[Any] | None = None,
     tensor_cores: bool = True,
+    database: Any | None = None,
+    stop_at_tuning: bool = False,
 ) -> Lowered:
     """Return ``module`` lowered by ``relax_passes(target)``; the fused TIR functions are
     snapshotted just before the first dlight schedule pass. ``instruments`` are TVM pass
     instruments (the texture probe uses one to name the pass that crashes). ``tensor_cores``
-    False keeps dlight's Matmul rule off the tensor-core (MMA) path on CUDA.
+    False keeps dlight's Matmul rule off the tensor-core (MMA) path on CUDA. ``database``, a
+    MetaSchedule database, applies its tuned schedules (``MetaScheduleApplyDatabase``) where
+    ``snapc.targets.tvm_tuning.APPLY_BEFORE`` says; ``stop_at_tuning`` returns the module at
+    that point instead (the module ``snapc tune`` extracts its tasks from).
 
     The snapshot is a new IRModule: dlight's ApplyDefaultSchedule updates the module it is
     given in place, but PrimFuncs themselves are immutable, so a new module keeps the
@@ -172,8 +177,21 @@ def lower(
     start = time.perf_counter()
     unscheduled = None
     names: list[str] = []
+    from tvm import relax
+
+    from snapc.targets.tvm_tuning import APPLY_BEFORE
+
+    tuned = False
     with tvm.transform.PassContext(opt_level=3, instruments=instruments or []), target:
         for step in relax_passes(target):
+            if step.info.name in APPLY_BEFORE and not tuned:
+                tuned = True
+                if stop_at_tuning:
+                    break
+                if database is not None:
+                    with database:
+                        module = relax.transform.MetaScheduleApplyDatabase()(module)
+                    names.append("MetaScheduleApplyDatabase")
             if step.info.name == SCHEDULE_PASS and unscheduled is None:
                 unscheduled = _tir_only(module)
                 if not tensor_cores:
