@@ -160,14 +160,21 @@ def load_text_encoder(model: str, seed: int = 0) -> TextEncoderParts:
 
 def load_vae(model: str, seed: int = 0) -> tuple[nn.Module, bool]:
     """Return (AutoencoderKL, random_weights) of MODEL: seeded random weights for a named
-    pipeline, else the folder's ``vae/``. Raises SnapcError for a model without one."""
+    pipeline, else the folder's ``vae/`` (a compressed decoder, with ``snapc_decoder.json``,
+    through :func:`snapc.decoder.load_compressed_vae`). Raises SnapcError for a model without
+    one or an unreadable one."""
     from diffusers import AutoencoderKL
+
+    from snapc.decoder.io import is_compressed_folder, load_compressed_vae
 
     if model in PIPELINES:
         config = PIPELINES[model].vae
         return _seeded(seed, lambda: AutoencoderKL(**config)).eval(), True
     require_component(model, "vae_decoder")
-    return _from_folder(AutoencoderKL, Path(model) / "vae", "VAE").eval(), False
+    folder = Path(model) / "vae"
+    if is_compressed_folder(folder):  # from_pretrained cannot express its pruned widths
+        return load_compressed_vae(folder), False
+    return _from_folder(AutoencoderKL, folder, "VAE").eval(), False
 
 
 def require_component(model: str, component: str) -> None:
