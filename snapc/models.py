@@ -399,7 +399,11 @@ def _load_pruned(folder: Path, batch: int, latent: int | None, seed: int) -> Loa
 
 
 def is_shapes_family(name: str) -> bool:
-    """Return whether a model (or base) name is the shapes model or one derived from it."""
+    """Return whether a model (or base) name is the pixel-space shapes model or one derived
+    from it (``shapes-latent``, the latent pipeline, is another family: snapc.evaluation_latent).
+    """
+    if name == "shapes-latent" or name.startswith("shapes-latent/"):
+        return False
     return name == "shapes" or name.startswith("shapes-")
 
 
