@@ -29,6 +29,10 @@ def tune_command(
     trials: Annotated[int, typer.Option(help="measured candidates over all kernels")] = 64,
     trials_per_task: Annotated[int | None, typer.Option(
         help="most candidates for one kernel (default: --trials)")] = None,
+    max_kernels: Annotated[int | None, typer.Option(
+        help="tune only the N heaviest kernels not yet in the records (FLOPs x uses)")] = None,
+    trials_per_round: Annotated[int, typer.Option(
+        help="candidates measured per search round (one kernel per round)")] = 16,
     rpc: Annotated[str | None, typer.Option(
         help="TVM RPC tracker HOST:PORT whose servers measure (needs --device-key)")] = None,
     device_key: Annotated[str | None, typer.Option(
@@ -49,7 +53,8 @@ def tune_command(
     from snapc.tune import TuneOptions, tune_model
 
     options = TuneOptions(model=model, target=target, out=output, trials=trials,
-                          trials_per_task=trials_per_task, precision=precision, mcpu=mcpu,
+                          trials_per_task=trials_per_task, trials_per_iter=trials_per_round,
+                          max_kernels=max_kernels, precision=precision, mcpu=mcpu,
                           rpc=rpc, device_key=device_key, batch=batch, latent=latent,
                           arch=arch, seed=seed)
     try:

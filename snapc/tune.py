@@ -40,7 +40,8 @@ class TuneOptions:
     ``trials``: measured candidates over all kernels (MetaSchedule ``max_trials_global``);
     ``trials_per_task`` caps one kernel (default: ``trials``); ``rpc`` a TVM RPC tracker
     ``HOST:PORT`` with ``device_key`` the key its servers registered; ``cores`` the device's
-    cores (default: this machine's); ``timeout_s`` bounds the whole search.
+    cores (default: this machine's); ``timeout_s`` bounds the whole search; ``max_kernels``
+    tunes only that many kernels not yet in the records, the heaviest (FLOPs x occurrences).
     """
 
     model: str
@@ -62,6 +63,7 @@ class TuneOptions:
     host_os: str = "auto"
     cuda_arch: str = "sm_90"
     timeout_s: float = 6 * 3600.0
+    max_kernels: int | None = None
 
     @property
     def device(self) -> str:
@@ -100,6 +102,8 @@ def check_tune(options: TuneOptions) -> dict[str, Any] | None:
 
     if options.trials < 1 or options.trials_per_iter < 1:
         raise SnapcError("--trials and the trials per round must be at least 1")
+    if options.max_kernels is not None and options.max_kernels < 1:
+        raise SnapcError("--max-kernels must be at least 1")
     if options.precision not in (None, "fp16", "fp32"):
         raise SnapcError(f"--precision must be fp16 or fp32, got '{options.precision}'")
     if (options.rpc is None) != (options.device_key is None):
@@ -146,7 +150,8 @@ def _spec(options: TuneOptions, program: Path, work: Path, records: Path) -> dic
         "threads": cores if options.rpc is None else "physical", "build_workers": 1,
         "build_timeout_s": 120.0, "run_timeout_s": 60.0, "number": 3, "repeat": 1,
         "min_repeat_ms": 20 if target.kind.name == "llvm" else 0,
-        "cross_compiler": toolchain.compiler if toolchain else None, "rpc": rpc}
+        "cross_compiler": toolchain.compiler if toolchain else None, "rpc": rpc,
+        "max_kernels": options.max_kernels}
 
 
 def _physical_cores() -> int:

@@ -119,6 +119,19 @@ def _tuned(database: Any, task: Any) -> bool:
     return bool(database.get_top_k(database.commit_workload(mod), 1))
 
 
+def _heaviest(tasks: list[Any], count: int | None) -> list[Any]:
+    """Return the ``count`` tasks with the most FLOPs per model call (FLOPs x occurrences),
+    heaviest first; all of them when ``count`` is None."""
+    if count is None:
+        return tasks
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    def cost(task: Any) -> float:
+        return float(estimate_tir_flops(task.dispatched[0])) * int(task.weight)
+
+    return sorted(tasks, key=cost, reverse=True)[:count]
+
+
 def _runner(spec: dict[str, Any]) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
@@ -171,7 +184,7 @@ def tune(spec: dict[str, Any]) -> dict[str, Any]:
     _stage("extracting tasks")
     tasks = ms.relax_integration.extract_tasks(module, target)
     database = open_database(Path(spec["records"]))
-    fresh = [t for t in tasks if not _tuned(database, t)]
+    fresh = _heaviest([t for t in tasks if not _tuned(database, t)], spec.get("max_kernels"))
     cost_model = _cost_model()
     start = time.perf_counter()
     if fresh and spec["trials"] > 0:

@@ -91,6 +91,24 @@ def test_compile_applies_the_records_and_still_verifies(graph: Graph, records: P
     assert untuned.extra["tvm"]["relax_passes"].count("MetaScheduleApplyDatabase") == 0
 
 
+def test_a_second_model_reuses_the_kernels_already_tuned(graph: Graph, records: Path) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    from snapc.targets.tvm_build import import_graph, lower
+    from snapc.targets.tvm_tune import _heaviest, _tuned
+    from snapc.targets.tvm_tuning import open_database
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+    module = lower(import_graph(graph.program).module, target, stop_at_tuning=True).module
+    tasks = ms.relax_integration.extract_tasks(module, target)
+    database = open_database(records)
+    reused = [t for t in tasks if _tuned(database, t)]
+    assert len(reused) == len(read_index(records)["kernels"]) >= 1
+    assert len(reused) < len(tasks)  # 4 trials measure one kernel; the rest are still to tune
+    heaviest = _heaviest(tasks, 2)
+    assert len(heaviest) == 2 and all("conv2d" in t.task_name for t in heaviest)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -213,3 +231,4 @@ def test_bad_tune_requests_are_one_line_errors(tmp_path: Path) -> None:
     assert "unknown TVM target 'onnx'" in tune("--target", "onnx", "-o", str(tmp_path / "r"))
     assert "through a TVM RPC tracker" in tune("--target", "cuda", "-o", str(tmp_path / "r"))
     assert "does not exist" in tune("--target", "x86", "-o", str(tmp_path / "no" / "r"))
+    assert "at least 1" in tune("--target", "x86", "-o", str(tmp_path / "r"), "--max-kernels", "0")

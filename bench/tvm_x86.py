@@ -1,0 +1,166 @@
+"""snapc's TVM x86 builds (untuned and MetaSchedule-tuned) vs onnxruntime on snapc's ONNX, one run.
+
+On this CPU, for MODEL (default ``shapes``) at batch 2, in one process:
+
+  ort              snapc compile --target onnx, run by onnxruntime's CPU provider
+  tvm_generic      snapc compile --target x86 as shipped (LLVM generic x86-64, default schedules)
+  tvm_native       the same with --mcpu native (LLVM CPU of this machine: AVX2 / AVX-512)
+  tvm_tuned        --mcpu native --tuning RECORDS, the records from ``snapc tune`` (--trials)
+
+Every artifact is verified against PyTorch by its target as usual (a failed check stops the
+run). Calls of the variants are interleaved round by round with the same inputs; the median
+and best per variant and the ratios to onnxruntime are printed, written to
+``bench/out/tvm_x86.json`` and to the ``## TVM x86`` section of bench/RESULTS.md with the
+machine. Tuning time is reported. Keep --trials modest on a shared machine.
+
+    nice python bench/tvm_x86.py --trials 64 --rounds 10 --write-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # bench.results, when run as a script
+
+
+def _ort_runner(folder: Path, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(folder / manifest["files"]["model"]), options,
+                                   providers=["CPUExecutionProvider"])
+    return session, manifest
+
+
+def _tvm_call(folder: Path, inputs: list[np.ndarray]) -> Any:
+    import tvm
+    from safetensors.numpy import load_file
+    from tvm import relax
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    info = manifest["extra"]["tvm"]
+    device = tvm.cpu(0)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), device)
+    weights = load_file(str(folder / "params.safetensors"))
+    args = [tvm.runtime.tensor(a, device) for a in inputs]
+    args += [tvm.runtime.tensor(weights[n], device) for n in info["param_order"]]
+    return lambda: vm["main"](*args).numpy()
+
+
+def main() -> None:
+    """Build, tune, verify and time the variants; print and record the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=64)
+    parser.add_argument("--per-round", type=int, default=8,
+                        help="trials per search round (MetaSchedule tunes one kernel a round)")
+    parser.add_argument("--max-kernels", type=int, default=8,
+                        help="tune the N heaviest kernels (FLOPs x uses)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--records", type=Path, default=None,
+                        help="records folder to tune into (default: a temporary one)")
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args()
+
+    from bench.results import machine, write_section
+    from snapc.compiler import CompileOptions, compile_model, load_graph
+    from snapc.targets.tvm import TvmOptions, export
+    from snapc.tune import TuneOptions, tune_graph
+
+    host = machine()
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="snapc-tvm-x86-") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        graph = load_graph(args.model, batch=args.batch)
+        inputs = [t.detach().numpy() for t in graph.example_inputs]
+        reference = graph.example_output.detach().numpy()
+        compile_model(CompileOptions(model=args.model, target="onnx", out=root / "onnx",
+                                     batch=args.batch))
+        timings["onnx_compile_s"] = time.perf_counter() - start
+        records = args.records or root / "records"
+        start = time.perf_counter()
+        tuned = tune_graph(graph, TuneOptions(model=args.model, target="x86", out=records,
+                                              trials=args.trials, mcpu="native",
+                                              trials_per_iter=args.per_round,
+                                              max_kernels=args.max_kernels, batch=args.batch),
+                          progress=print)
+        timings["tune_s"] = time.perf_counter() - start
+        builds = {"tvm_generic": TvmOptions(target="x86"),
+                  "tvm_native": TvmOptions(target="x86", mcpu="native"),
+                  "tvm_tuned": TvmOptions(target="x86", mcpu="native", tuning=str(records))}
+        manifests = {}
+        for name, options in builds.items():
+            folder = root / name
+            folder.mkdir()
+            start = time.perf_counter()
+            manifest = export(graph, folder, options, progress=print)
+            manifest.write(folder)
+            manifests[name] = manifest
+            timings[f"{name}_build_s"] = time.perf_counter() - start
+        session, onnx_manifest = _ort_runner(root / "onnx", args.threads)
+        names = [i["name"] for i in onnx_manifest["inputs"]]
+        calls = {"ort": lambda: session.run(None, dict(zip(names, inputs, strict=True)))[0]}
+        calls.update({name: _tvm_call(root / name, inputs) for name in builds})
+        errors = {n: float(np.abs(call() - reference).max()) for n, call in calls.items()}
+        samples: dict[str, list[float]] = {n: [] for n in calls}
+        for round_ in range(args.rounds):
+            order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
+            for name in order:
+                begin = time.perf_counter()
+                calls[name]()
+                samples[name].append((time.perf_counter() - begin) * 1000.0)
+    rows = {n: {"median_ms": statistics.median(s), "best_ms": min(s), "samples_ms": s,
+                "max_abs_vs_torch": errors[n]} for n, s in samples.items()}
+    for row in rows.values():
+        row["vs_ort"] = row["median_ms"] / rows["ort"]["median_ms"]
+    tasks = tuned.summary["tasks"]
+    record = {
+        "model": args.model, "batch": args.batch, "machine": host, "threads": args.threads,
+        "rounds": args.rounds, "trials": args.trials, "per_round": args.per_round,
+        "max_kernels": args.max_kernels, "rows": rows,
+        "tuning": {"tasks": len(tasks), "tuned": sum(t["best_us"] is not None for t in tasks),
+                   "cost_model": tuned.summary["cost_model"], "seconds": timings["tune_s"],
+                   "applied": manifests["tvm_tuned"].extra["tvm"]["tuning"]["applied_kernels"]},
+        "verification_psnr_db": {n: m.verification["psnr_db"] for n, m in manifests.items()},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    out = HERE / "out" / "tvm_x86.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    table = ["| variant | median ms | best ms | x onnxruntime | max abs vs torch |",
+             "|---|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        table.append(f"| {name} | {row['median_ms']:.1f} | {row['best_ms']:.1f} | "
+                     f"{row['vs_ort']:.2f}x | {row['max_abs_vs_torch']:.1e} |")
+    tuning = record["tuning"]
+    body = "\n".join([
+        f"`python bench/tvm_x86.py --trials {args.trials} --per-round {args.per_round} "
+        f"--max-kernels {args.max_kernels} --rounds {args.rounds}` on {host}.",
+        f"{args.model} UNet at batch {args.batch}, {args.threads} onnxruntime threads (TVM: its "
+        "default pool), interleaved rounds, one process.", "", *table, "",
+        f"Tuning: {tuning['tasks']} kernels, {tuning['tuned']} measured in {args.trials} "
+        f"trials ({tuning['cost_model']} cost model), {tuning['seconds']:.0f} s; applied to "
+        f"{tuning['applied']['scheduled_after_lowering']} of {tuning['applied']['kernels']} "
+        "kernels of the tuned build. Figures: bench/out/tvm_x86.json."])
+    print(body)
+    if args.write_results:
+        write_section("TVM x86", body)
+
+
+if __name__ == "__main__":
+    main()
