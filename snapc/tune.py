@@ -115,7 +115,8 @@ def check_tune(options: TuneOptions) -> dict[str, Any] | None:
     _check_tvm()
     check_ffi()
     spec, target, _ = _tvm_target(options)
-    if options.rpc is None and spec.name != "x86":
+    if options.rpc is None and spec.name != "x86" and not (spec.device == "cuda"
+                                                            and _cuda_here()):
         raise SnapcError(f"target {spec.name} cannot run on this machine: tune it on the device "
                          "through a TVM RPC tracker with --rpc HOST:PORT --device-key KEY")
     out = Path(options.out)
@@ -127,6 +128,12 @@ def check_tune(options: TuneOptions) -> dict[str, Any] | None:
         return None
     read_index(out)
     return check_records(out, spec.name, target, options.device)
+
+
+def _cuda_here() -> bool:
+    import tvm
+
+    return bool(tvm.cuda(0).exist)
 
 
 def _spec(options: TuneOptions, program: Path, work: Path, records: Path) -> dict[str, Any]:
