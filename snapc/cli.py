@@ -107,7 +107,8 @@ def compile_cmd(
     train_device: Annotated[str, typer.Option(help="--recover: auto, cpu or cuda")] = "auto",
     components: Annotated[str | None, typer.Option(
         help="compile these components into sub-folders with a top-level manifest: unet, "
-             "text_encoder (comma-separated; default: the UNet alone, as one artifact)")]
+             "text_encoder, vae_decoder (comma-separated; default: the UNet alone, as one "
+             "artifact)")]
     = None,
     tuning: Annotated[Path | None, typer.Option(
         help="TVM targets: apply these MetaSchedule records (from `snapc tune`)")] = None,
