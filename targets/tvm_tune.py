@@ -184,7 +184,8 @@ def tune(spec: dict[str, Any]) -> dict[str, Any]:
     _stage("extracting tasks")
     tasks = ms.relax_integration.extract_tasks(module, target)
     database = open_database(Path(spec["records"]))
-    fresh = _heaviest([t for t in tasks if not _tuned(database, t)], spec.get("max_kernels"))
+    reused = {t.task_name for t in tasks if _tuned(database, t)}
+    fresh = _heaviest([t for t in tasks if t.task_name not in reused], spec.get("max_kernels"))
     cost_model = _cost_model()
     start = time.perf_counter()
     if fresh and spec["trials"] > 0:
@@ -202,11 +203,10 @@ def tune(spec: dict[str, Any]) -> dict[str, Any]:
                 num_trials_per_iter=spec["trials_per_iter"], builder=builder,
                 runner=_runner(spec), database=database, cost_model=cost_model)
     _stage("summarising")
-    fresh_names = {t.task_name for t in fresh}
     return {
         "tasks": [{"name": t.task_name, "weight": int(t.weight),
                    "workload_hash": _hash(t.dispatched[0]),
-                   "reused": t.task_name not in fresh_names, "best_us": _best_us(database, t)}
+                   "reused": t.task_name in reused, "best_us": _best_us(database, t)}
                   for t in tasks],
         "cost_model": cost_model, "search_s": time.perf_counter() - start}
 
