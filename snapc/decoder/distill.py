@@ -15,8 +15,7 @@ pruned, the teacher's stage output is compared on the channels the student kept
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import nn
 from snapc.decoder.latents import LatentSource
 from snapc.errors import SnapcError
 from snapc.train.distributed import World
-from snapc.train.features import feature_loss
+from snapc.train.features import capture_outputs, feature_loss
 from snapc.train.loop import Batch
 
 __all__ = ["DecoderLoss", "DecoderDistillation", "decoder_stages", "capture_decoder_stages"]
@@ -57,21 +56,10 @@ def decoder_stages(vae: nn.Module) -> dict[str, nn.Module]:
     return stages | {f"up_blocks.{i}": b for i, b in enumerate(vae.decoder.up_blocks)}
 
 
-@contextmanager
-def capture_decoder_stages(vae: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield a dict filled with each decoder stage's output during forwards inside the block."""
-    found: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in decoder_stages(vae).items():
-        def hook(_mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
-            found[name] = out
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield found
-    finally:
-        for h in handles:
-            h.remove()
+def capture_decoder_stages(vae: nn.Module) -> AbstractContextManager[dict[str, torch.Tensor]]:
+    """Capture each decoder stage's output during forwards inside the block (the UNet's
+    stage capture, snapc.train.features.capture_outputs, on the decoder's stages)."""
+    return capture_outputs(decoder_stages(vae))
 
 
 def _decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:

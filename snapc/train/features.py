@@ -6,13 +6,13 @@ it hands on (a down block's first return value). Forward hooks record them on ev
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["stage_modules", "capture_stages", "feature_loss"]
+__all__ = ["stage_modules", "capture_outputs", "capture_stages", "feature_loss"]
 
 
 def stage_modules(unet: nn.Module) -> dict[str, nn.Module]:
@@ -25,11 +25,12 @@ def stage_modules(unet: nn.Module) -> dict[str, nn.Module]:
 
 
 @contextmanager
-def capture_stages(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield a dict filled with each stage's output during forwards inside the block."""
+def capture_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield a dict filled with each named module's output (the first element of a tuple
+    output) during forwards inside the block; the hooks are removed on exit."""
     found: dict[str, torch.Tensor] = {}
     handles = []
-    for name, module in stage_modules(unet).items():
+    for name, module in modules.items():
         def hook(_mod: nn.Module, _inp: object, out: object, name: str = name) -> None:
             found[name] = out[0] if isinstance(out, (tuple, list)) else out
 
@@ -39,6 +40,11 @@ def capture_stages(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def capture_stages(unet: nn.Module) -> AbstractContextManager[dict[str, torch.Tensor]]:
+    """Capture each UNet stage's output during forwards inside the block (capture_outputs)."""
+    return capture_outputs(stage_modules(unet))
 
 
 def feature_loss(student: dict[str, torch.Tensor],

@@ -215,9 +215,13 @@ def test_adreno_falls_back_to_buffers_with_the_reason_and_compiles(
     target = manifest.extra["tvm"]["target"]
     assert _elf_machine(tmp_path / "model.so") == EM_AARCH64
     assert "adreno" in target["keys"]
-    if "texture" not in target["keys"]:  # 0.27: ConvertLayout crashes the texture pipeline
+    if "texture" not in target["keys"]:  # 0.27: ConvertLayout fails in the texture pipeline
+        # (a segfault with apache-tvm-ffi 0.1.15, a ValueError on relax.nn.group_norm with the
+        # pinned 0.1.14): either way the fallback names the pass and how it failed.
         assert len(warned) == 1 and "qcom/adreno-opencl-texture" in warned[0]
-        assert "crashed the process with SIG" in warned[0] and "ConvertLayout" in warned[0]
+        assert "ConvertLayout" in warned[0]
+        assert ("crashed the process with SIG" in warned[0]
+                or "failed (exit status 1)" in warned[0])
         assert warned[0] in manifest.notes
     check = manifest.verification
     assert check["checked_build"] == "the artifact's own kernels"
