@@ -23,9 +23,9 @@ def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0) -> tuple[torch.T
     """
     if n < 1:
         raise ValueError("need at least one calibration triple")
-    if _shapes_family(graph) and tuple(graph.input_names) == ("input_ids",):
-        return (shapes_caption_tokens(n, seed),)
     if _shapes_family(graph):
+        if tuple(graph.input_names) == ("input_ids",):  # the text encoder
+            return (shapes_caption_tokens(n, seed),)
         from snapc.quality import calibration_triples
 
         triples = calibration_triples(n, seed)
