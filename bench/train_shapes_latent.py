@@ -35,6 +35,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="global batch (vae 128, unet 512)")
     p.add_argument("--lr", type=float, default=None, help="AdamW lr (vae 5e-4, unet 3e-4)")
     p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--lr-decay", choices=["cosine", "constant"], default="cosine",
+                   help="cosine: anneal to 0 by the run's end (a constant lr let a late loss "
+                        "spike at step ~3800 reach the EMA weights of a 2.6-minute vae run)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kl-weight", type=float, default=1e-6,
@@ -63,7 +66,8 @@ def main() -> None:
                 options = TrainOptions(
                     steps=args.steps, minutes=args.minutes,
                     batch=args.batch or DEFAULTS[name]["batch"],
-                    lr=args.lr or DEFAULTS[name]["lr"], warmup=args.warmup, ema=args.ema,
+                    lr=args.lr or DEFAULTS[name]["lr"], warmup=args.warmup,
+                    lr_decay=args.lr_decay, ema=args.ema,
                     seed=args.seed, device=args.train_device,
                     checkpoint_every=args.checkpoint_every)
                 record = runners[name](phase, options, progress=bar.update)

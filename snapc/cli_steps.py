@@ -52,7 +52,7 @@ def run_step_distillation(*, model: str, output: Path, sampling_steps: int,
                           guidance: float | None, start_steps: int | None,
                           steps_per_round: int | None, minutes_per_round: float | None,
                           keep_rounds: bool, train_device: str, batch: int, lr: float,
-                          warmup: int, ema: float, caption_dropout: float | None,
+                          warmup: int, lr_decay: str, ema: float, caption_dropout: float | None,
                           checkpoint_every: int, seed: int, name: str | None, resume: bool,
                           force: bool, json_out: bool) -> None:
     """Run `snapc distill MODEL --sampling-steps N` and print its result (or one error line)."""
@@ -63,7 +63,8 @@ def run_step_distillation(*, model: str, output: Path, sampling_steps: int,
                           guidance=guidance, start_steps=start_steps, name=name,
                           keep_rounds=keep_rounds, force=force, resume=resume, loss=loss)
     train_options = TrainOptions(steps=steps_per_round, minutes=minutes_per_round, batch=batch,
-                                 lr=lr, warmup=warmup, ema=ema, seed=seed, device=train_device,
+                                 lr=lr, warmup=warmup, lr_decay=lr_decay, ema=ema, seed=seed,
+                                 device=train_device,
                                  checkpoint_every=checkpoint_every)
     from snapc.cli_train import run_training
 

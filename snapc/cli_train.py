@@ -121,6 +121,8 @@ def distill_command(
     = 64,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
     warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 100,
+    lr_decay: Annotated[str, typer.Option(
+        help="after the warm-up: constant, or cosine to 0 by the run's end")] = "constant",
     ema: Annotated[float, typer.Option(help="EMA decay of the weights written")] = 0.995,
     task_weight: Annotated[float, typer.Option(help="weight of MSE to the true noise")] = 1.0,
     kd_weight: Annotated[float, typer.Option(help="weight of MSE to the teacher's output")]
@@ -185,8 +187,8 @@ def distill_command(
             model=model, output=output, sampling_steps=sampling_steps, guidance=guidance,
             start_steps=start_steps, steps_per_round=steps_per_round,
             minutes_per_round=minutes_per_round, keep_rounds=keep_rounds,
-            train_device=train_device, batch=batch, lr=lr, warmup=warmup, ema=ema,
-            caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, seed=seed,
+            train_device=train_device, batch=batch, lr=lr, warmup=warmup, lr_decay=lr_decay,
+            ema=ema, caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, seed=seed,
             name=name, resume=resume, force=force, json_out=json_out)
         return
     from snapc.train import (
@@ -204,8 +206,8 @@ def distill_command(
                                                        minutes=robust_minutes),
         screen=screen, screen_steps=screen_steps, screen_minutes=screen_minutes)
     train_options = TrainOptions(steps=steps, minutes=minutes, batch=batch, lr=lr,
-                                 warmup=warmup, ema=ema, seed=seed, device=train_device,
-                                 checkpoint_every=checkpoint_every)
+                                 warmup=warmup, lr_decay=lr_decay, ema=ema, seed=seed,
+                                 device=train_device, checkpoint_every=checkpoint_every)
     loss = RecoveryLoss(task=task_weight, output_kd=kd_weight, feature_kd=feature_weight,
                         caption_dropout=0.1 if caption_dropout is None else caption_dropout)
 

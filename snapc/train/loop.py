@@ -102,15 +102,30 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def _lr_scale(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / max(warmup, 1))
+def _lr_scale(step: int, seconds: float, options: TrainOptions) -> float:
+    """Linear warm-up, then constant or cosine down to 0 at the run's end.
+
+    Progress is the larger of the step and the time fraction, so a minutes-bounded run
+    anneals by its training clock (which a resumed run carries on)."""
+    warm = min(1.0, (step + 1) / max(options.warmup, 1))
+    if options.lr_decay == "constant" or step < options.warmup:
+        return warm
+    fractions = []
+    if options.steps is not None:
+        fractions.append((step - options.warmup) / max(options.steps - options.warmup, 1))
+    if options.minutes is not None:
+        fractions.append(seconds / (60 * options.minutes))
+    progress = min(max(fractions), 1.0)
+    return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _check_resume(state: dict, options: TrainOptions, method: Method, path: Path,
                   world: World) -> None:
     saved = state.get("options", {})
-    keys = ("batch", "lr", "warmup", "weight_decay", "grad_clip", "ema", "seed")
-    diff = [k for k in keys if saved.get(k) != getattr(options, k)]
+    keys = ("batch", "lr", "warmup", "lr_decay", "weight_decay", "grad_clip", "ema", "seed")
+    # Checkpoints written before an option existed hold its default.
+    defaults = TrainOptions().to_json()
+    diff = [k for k in keys if saved.get(k, defaults[k]) != getattr(options, k)]
     if diff:
         k = diff[0]
         raise CheckpointError(f"{path} was trained with {k}={saved.get(k)!r}, this run asks "
@@ -189,7 +204,7 @@ def train(
             break
         batch = method.batch(step, world)
         for group in opt.param_groups:
-            group["lr"] = options.lr * _lr_scale(step, options.warmup)
+            group["lr"] = options.lr * _lr_scale(step, seconds, options)
         autocast = (torch.autocast("cuda", torch.bfloat16) if cuda
                     else contextlib.nullcontext())
         with autocast:

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 
 from snapc.errors import SnapcError
 
-__all__ = ["TrainOptions", "RecoveryLoss"]
+__all__ = ["TrainOptions", "RecoveryLoss", "LR_DECAYS"]
+
+LR_DECAYS = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,8 @@ class TrainOptions:
     ``steps`` and ``minutes`` both bound the run; whichever comes first ends it (``minutes``
     counts training time only, summed over resumed runs). ``batch`` is the global batch,
     split evenly over data-parallel processes. ``device`` ``auto`` is CUDA when present.
+    ``lr_decay`` ``cosine`` anneals the learning rate after the warm-up to 0 at the end of the
+    run, measured by whichever bound (steps or minutes) is nearer; ``constant`` keeps it.
     """
 
     steps: int | None = None
@@ -24,6 +28,7 @@ class TrainOptions:
     batch: int = 64
     lr: float = 1e-4
     warmup: int = 100
+    lr_decay: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.995
@@ -45,6 +50,9 @@ class TrainOptions:
             raise SnapcError(f"--batch must be >= 1, not {self.batch}")
         if not self.lr > 0:
             raise SnapcError(f"--lr must be > 0, not {self.lr}")
+        if self.lr_decay not in LR_DECAYS:
+            raise SnapcError(f"unknown --lr-decay {self.lr_decay!r}; use one of "
+                             f"{', '.join(LR_DECAYS)}")
         if not 0.0 <= self.ema < 1.0:
             raise SnapcError(f"--ema must be in [0, 1), not {self.ema}")
         if self.checkpoint_every < 1:
