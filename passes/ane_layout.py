@@ -31,8 +31,8 @@ from torch import Tensor, fx
 
 from snapc.graph import Graph, eliminate_dead_code
 from snapc.passes import fused_ops  # noqa: F401 - registers torch.ops.snapc
-from snapc.passes.fuse_common import add_weight, apply_rules, fetch, tensor_meta
-from snapc.passes.rewrite import Hit, module_path
+from snapc.passes.fuse_common import add_weight, apply_rules, fetch, tensor_meta, weight_owner
+from snapc.passes.rewrite import META_KEYS, Hit, module_path
 from snapc.pipeline import PassContext, PassResult, register_pass
 
 __all__ = ["AneAttentionLayout", "split_einsum_attention", "DEFAULT_CHUNK"]
@@ -102,9 +102,14 @@ class _Converter:
             return None
         if linear in self.cf:
             return self.cf[linear]
-        w4 = add_weight(self.gm, self.graph, "snapc_ane_conv_weight", weight[:, :, None, None])
+        # in the module that holds the linear's weights, as the conv node is in its module:
+        # a weight of an outer module becomes an input of the unflattened inner module
+        owner = weight_owner(self.gm, [a for a in args[1:] if isinstance(a, fx.Node)])
+        w4 = add_weight(self.gm, self.graph, "snapc_ane_conv_weight", weight[:, :, None, None],
+                        owner=owner)
         source = self.input(args[0]) if source is None else source
         out = self.graph.call_function(aten.conv2d.default, (source, w4, args[2]))
+        _copy_meta(linear, out)  # the conv stays in its projection's module (e.g. to_q)
         self.cf[linear] = out
         self.convs += 1
         return out
@@ -129,11 +134,19 @@ class _Converter:
         return out
 
 
+def _copy_meta(source: fx.Node, new: fx.Node) -> None:
+    """Give ``new`` the module stack and stack trace of ``source`` where it has none."""
+    for key in META_KEYS:
+        if key in source.meta and key not in new.meta:
+            new.meta[key] = source.meta[key]
+
+
 def _ane_edit(gm: fx.GraphModule, chunk: int) -> list[Hit]:
     hits = []
     for node in list(gm.graph.nodes):
         if node.target != torch.ops.snapc.attention.default:
             continue
+        before = set(gm.graph.nodes)
         q, k, v, heads, scale = node.args[:5]
         bias = node.args[5] if len(node.args) > 5 else node.kwargs.get("bias")
         conv = _Converter(gm)
@@ -150,9 +163,14 @@ def _ane_edit(gm: fx.GraphModule, chunk: int) -> list[Hit]:
                 replaced, result = users[0], out_proj
         with gm.graph.inserting_before(result.next):  # keeps the new nodes in order
             back = _channels_last(gm.graph, result)
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in node.meta:
-                attn.meta[key] = node.meta[key]
+        # Every node made here belongs to the attention's module (convs to their projection's,
+        # above): a node without a module stack lands at the top level of the program's
+        # module tree, and torch.export.unflatten then cuts the attention module into several
+        # calls whose values it routes wrongly (the Core ML trace frontend failed on the VAE
+        # decoder's mid-block attention: a 1-D bias fed to the output transpose).
+        for new_node in gm.graph.nodes:
+            if new_node not in before and new_node.op == "call_function":
+                _copy_meta(node, new_node)
         replaced.replace_all_uses_with(back)
         seq = tensor_meta(q).shape[1] if tensor_meta(q) is not None else 0
         detail = {"heads": heads, "query_chunks": max(1, -(-seq // chunk)),

@@ -42,6 +42,7 @@ from snapc.graph import Graph
 from snapc.passes import fused_ops  # noqa: F401 - registers torch.ops.snapc
 from snapc.passes.fuse_common import add_weight, apply_rules, fetch, tensor_meta, weight_owner
 from snapc.passes.rewrite import (
+    META_KEYS,
     Alt,
     Hit,
     Lit,
@@ -337,12 +338,16 @@ def _pack_edit(gm: fx.GraphModule, with_query: bool) -> list[Hit]:
         olds = list(node.args[:3]) if with_query else list(node.args[1:3])
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         owner = weight_owner(gm, [old.args[1] for old in olds])
+        before = set(gm.graph.nodes)
         with gm.graph.inserting_before(min(olds, key=order.__getitem__)):
             outs = _packed(gm, gm.graph, k[0], [(w, b) for _, w, b in members], owner)
+        # The packed linear, its split and the split's outputs belong to the attention module
+        # (the one that owns the packed weights), not to the top level: a node without a
+        # module stack cuts the module out of the program's module tree when unflattened.
+        for added in gm.graph.nodes:
+            if added not in before and added.op == "call_function":
+                added.meta.update({key: node.meta[key] for key in META_KEYS if key in node.meta})
         for old, new in zip(olds, outs, strict=True):
-            for key in ("nn_module_stack", "stack_trace"):
-                if key in old.meta:
-                    new.meta[key] = old.meta[key]
             old.replace_all_uses_with(new)
             gm.graph.erase_node(old)
         hits.append(Hit(rule_name, module_path(node), len(members), node.name))

@@ -40,6 +40,7 @@ from snapc.passes.quantize_observers import (
     activation_ranges,
     calibration_chunks,
     find_fp32_islands,
+    kept_float,
     quantizable_layers,
 )
 from snapc.passes.quantize_schemes import BITS, dequantize, make_record, record_bytes
@@ -108,7 +109,8 @@ def quantize_records(graph: Graph, scheme: str, *, size_mb: float | None = None,
                      ) -> tuple[QuantRecords, dict[str, Any]]:
     """Return (records, info) quantizing ``graph`` with ``scheme``; ``graph`` is not edited.
 
-    ``info`` holds what was measured: fp32 islands, per-layer sensitivity and choices (mixed).
+    ``info`` holds what was measured: fp32 islands, per-layer sensitivity and choices (mixed),
+    and for weight schemes what stays float (``kept_float``, see quantize_observers.kept_float).
     Raises SnapcError for an unknown scheme and CalibrationError for a bad calibration set.
     """
     check_scheme(scheme, size_mb, psnr_floor_db)
@@ -116,6 +118,8 @@ def quantize_records(graph: Graph, scheme: str, *, size_mb: float | None = None,
     layers = quantizable_layers(gm, graph.root, min_elements)
     weights = {key: _param(gm, f"{graph.root}.{key}").data for key in layers}
     info: dict[str, Any] = {"scheme": scheme, "layers": len(layers)}
+    if scheme != "fp16":  # fp16 records every parameter
+        info["kept_float"] = {"min_elements": min_elements, **kept_float(gm, layers, graph.root)}
     if scheme in ("w8", "w4", "palette6", "palette4"):
         records = {k: make_record(w, scheme, group_size, seed) for k, w in weights.items()}
     elif scheme == "w8a8":

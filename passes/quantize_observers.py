@@ -25,8 +25,8 @@ from torch import fx
 from snapc.errors import SnapcError
 from snapc.graph import Graph
 
-__all__ = ["CalibrationError", "calibration_chunks", "quantizable_layers", "activation_ranges",
-           "find_fp32_islands", "uint8_params", "OBSERVERS", "FP16_MAX"]
+__all__ = ["CalibrationError", "calibration_chunks", "quantizable_layers", "kept_float",
+           "activation_ranges", "find_fp32_islands", "uint8_params", "OBSERVERS", "FP16_MAX"]
 
 OBSERVERS = ("percentile", "mse")
 FP16_MAX = 65504.0
@@ -87,6 +87,34 @@ def quantizable_layers(gm: fx.GraphModule, root: str = "net", min_elements: int 
                                  "must register it there (passes.fuse_common.add_weight)")
             layers[weight.target.removeprefix(f"{root}.")] = (node.name, kind)
     return layers
+
+
+def kept_float(gm: fx.GraphModule, layers: dict[str, tuple[str, str]], root: str = "net"
+               ) -> dict[str, Any]:
+    """Return what weight quantization leaves in float, by reason: ``small_layers``, conv/linear
+    weights not in ``layers`` (under the pass's ``min_elements``: too few bytes to be worth
+    their rounding error), ``embeddings``, tables read by a Gather rather than a matmul (token
+    and position embeddings), each with its number of values, and ``other``, the count and
+    values of the remaining floating-point parameters (norms, biases)."""
+    weighted = {}
+    tables = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or len(node.args) < 2:
+            continue
+        arg = node.args[0] if node.target == torch.ops.aten.embedding.default else node.args[1]
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+            continue
+        key = arg.target.removeprefix(f"{root}.")
+        if node.target == torch.ops.aten.embedding.default:
+            tables[key] = _attr(gm, arg.target).numel()
+        elif node.target in _WEIGHTED_OPS and key not in layers:
+            weighted[key] = _attr(gm, arg.target).numel()
+    prefix = f"{root}." if root else ""
+    rest = [t for name, t in gm.state_dict().items() if name.startswith(prefix)
+            and t.is_floating_point() and name.removeprefix(prefix) not in
+            layers.keys() | weighted.keys() | tables.keys()]
+    return {"small_layers": weighted, "embeddings": tables,
+            "other": {"tensors": len(rest), "values": sum(t.numel() for t in rest)}}
 
 
 def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:

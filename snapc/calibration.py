@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from snapc.errors import SnapcError
 from snapc.graph import Graph
 
 __all__ = ["calibration_inputs", "shapes_caption_tokens", "alphas_cumprod_for", "to_x0"]
@@ -30,6 +31,10 @@ def calibration_inputs(graph: Graph, n: int = 8, seed: int = 0) -> tuple[torch.T
 
         triples = calibration_triples(n, seed)
         return tuple(torch.cat([t[i] for t in triples]) for i in range(3))  # type: ignore[return-value]
+    if len(graph.example_inputs) < 3:
+        raise SnapcError(f"no calibration set for a graph of inputs {', '.join(graph.input_names)}"
+                         " (a text encoder?); give the Quantize pass its inputs, e.g. token ids "
+                         "from snapc.clip_text.calibration_tokens")
     sample, _, context = graph.example_inputs[:3]
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn((n, *sample.shape[1:]), generator=gen)

@@ -188,11 +188,13 @@ def _compile_components(options, components: str, recover: float | None) -> None
     with RichReporter(err) as reporter:
         result = compile_components(options, parse_components(components), reporter=reporter)
     table = Table(title=f"snapc compile {options.model} → {options.target} (components)")
-    for column in ("component", "folder", "batch", "verified", "time"):
+    for column in ("component", "folder", "batch", "verified", "quantized", "time"):
         table.add_column(column)
     for entry in result.manifest["components"]:
+        manifest = result.results[entry["name"]].manifest
         table.add_row(entry["name"], f"{options.out}/{entry['folder']}", str(entry["batch"]),
-                      _verification_line(result.results[entry["name"]].manifest.verification),
+                      _verification_line(manifest.verification),
+                      _quantization_line(manifest) if manifest.quantization else "no",
                       f"{result.timings[entry['name']]:.1f} s")
     out.print(table)
     sampler = result.manifest["sampler"]
@@ -253,11 +255,17 @@ def _verification_line(ver: dict) -> str:
 
 
 def _quantization_line(manifest: Manifest) -> str:
-    """Return one line: the scheme, records per scheme, and the PSNR vs fp32 when measured."""
+    """Return one line: the scheme, records per scheme, what stayed float (layers under the
+    size floor, embedding tables) and the PSNR vs fp32 when measured."""
     quant = manifest.quantization
     counts = ", ".join(f"{n} {s}" for s, n in quant.get("counts", {}).items())
+    kept = quant.get("kept_float") or {}
+    floats = [f"{what} {len(kept[k])}" for k, what in
+              (("small_layers", f"layers under {kept.get('min_elements')} values"),
+               ("embeddings", "embedding tables")) if kept.get(k)]
     vs_fp32 = manifest.verification.get("vs_fp32")
     return (f"{quant.get('scheme', 'records')}: {counts}"
+            + (f"; float: {', '.join(floats)}" if floats else "")
             + (f"; PSNR vs fp32 {vs_fp32['psnr_db']:.1f} dB" if vs_fp32 else ""))
 
 

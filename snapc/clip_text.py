@@ -21,7 +21,7 @@ from snapc.errors import SnapcError
 from snapc.graph import Graph, ModelInfo
 
 __all__ = ["PROMPT_WORDS", "build_tokenizer", "tokenize", "trace_text_encoder",
-           "TEXT_INPUT", "BOS", "EOS"]
+           "calibration_prompts", "calibration_tokens", "TEXT_INPUT", "BOS", "EOS"]
 
 TEXT_INPUT = "input_ids"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -115,6 +115,33 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int) -> torch.T
     ids = tokenizer(list(prompts), padding="max_length", max_length=max_length,
                     truncation=True, return_tensors="pt").input_ids
     return ids.long()
+
+
+def calibration_prompts(n: int, max_words: int, seed: int = 0) -> list[str]:
+    """Return ``n`` seeded prompts of 1 to ``max_words`` words of :data:`PROMPT_WORDS`.
+
+    Their lengths are spread over the range so the calibration set sees short prompts (mostly
+    padding) and long ones, as a text encoder does at generation time.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(n):
+        count = int(torch.randint(1, max(1, max_words) + 1, (1,), generator=gen))
+        picks = torch.randint(len(PROMPT_WORDS), (count,), generator=gen).tolist()
+        prompts.append(" ".join(PROMPT_WORDS[i] for i in picks))
+    return prompts
+
+
+def calibration_tokens(tokenizer: Any, n: int, max_length: int, seed: int = 0) -> torch.Tensor:
+    """Return (n, max_length) token ids of :func:`calibration_prompts` for quantizing a CLIP
+    text encoder (the observers of w8a8, fp16 islands, mixed-precision sensitivity).
+
+    Prompts are cut to what fits: at most ``max_length - 2`` words (start and end tokens), and
+    a prompt some tokenizer spells in more pieces loses its last words.
+    """
+    prompts = calibration_prompts(n, min(max_length - 2, 30), seed)
+    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt").input_ids.long()
 
 
 class _LastHiddenState(nn.Module):

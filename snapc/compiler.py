@@ -23,7 +23,8 @@ from snapc.pipeline import Pass, PassContext, PassResult, Pipeline, PipelineResu
 from snapc.targets import TARGETS, TargetEntry, get_target
 
 __all__ = ["CompileOptions", "CompileResult", "Reporter", "NullReporter", "compile_model",
-           "check_options", "check_quantize", "load_graph", "random_weights_warning"]
+           "check_options", "check_quantize", "load_graph", "quantization_to_manifest",
+           "random_weights_warning"]
 
 
 class Reporter(Protocol):
@@ -216,7 +217,7 @@ def check_options(options: CompileOptions) -> tuple[TargetEntry, Any]:
 _LOWERING = {"onnx": "onnx", "coreml": "coreml"}
 
 
-def _quantization_to_manifest(manifest: Manifest) -> None:
+def quantization_to_manifest(manifest: Manifest) -> None:
     """Put the Quantize pass's scheme and mixed-precision figures into the manifest's
     ``quantization`` section, whose ``layers`` already hold the per-layer records (the pass
     entry points there instead of repeating them)."""
@@ -227,6 +228,8 @@ def _quantization_to_manifest(manifest: Manifest) -> None:
         if "records" in info:
             info["records"] = "see quantization.layers"
         manifest.quantization["scheme"] = entry["params"]["scheme"]
+        if "kept_float" in info:
+            manifest.quantization["kept_float"] = info["kept_float"]
         if "mixed" in info:
             manifest.quantization["mixed"] = {k: v for k, v in info["mixed"].items()
                                               if k != "layers"}
@@ -287,7 +290,7 @@ def compile_model(
             kwargs["progress"] = lambda msg: reporter.stage(f"{options.target}: {msg}")
         manifest = export(result.graph, tmp, target_options, **kwargs)
         manifest.passes = [r.to_json() for r in result.records]
-        _quantization_to_manifest(manifest)
+        quantization_to_manifest(manifest)
         for record in result.records:
             if "search" in record.info:
                 from snapc.search_report import plot_front

@@ -38,6 +38,7 @@ from snapc.compiler import (
     Reporter,
     check_options,
     compile_model,
+    quantization_to_manifest,
 )
 from snapc.errors import SnapcError
 from snapc.manifest import MANIFEST_NAME
@@ -106,11 +107,9 @@ def _check_sources(info: Any, model: str, components: Sequence[str]) -> None:
 
 
 def _compile_graph(name: str, graph: Any, passes: list[Any], options: CompileOptions,
-                   out: Path, reporter: Reporter, extra: dict[str, Any],
-                   defaults: dict[str, Any] | None = None) -> CompileResult:
+                   out: Path, reporter: Reporter, extra: dict[str, Any]) -> CompileResult:
     """Run ``passes`` over a component's ``graph``, export it for ``options.target`` into
-    ``out`` (atomically; the target verifies it against PyTorch) and return the result.
-    ``defaults``: target options used where ``options.target_options`` sets none."""
+    ``out`` (atomically; the target verifies it against PyTorch) and return the result."""
     from snapc.pipeline import PassContext, Pipeline
     from snapc.targets import get_target
 
@@ -120,12 +119,13 @@ def _compile_graph(name: str, graph: Any, passes: list[Any], options: CompileOpt
     timings["passes"] = time.perf_counter() - start
     entry = get_target(options.target)
     export, _ = entry.load()
-    target_options = entry.make_options(**{**(defaults or {}), **options.target_options})
+    target_options = entry.make_options(**options.target_options)
     reporter.stage(f"{name}: emit {options.target}")
     start = time.perf_counter()
     with atomic_output_dir(out) as tmp:
         manifest = export(result.graph, tmp, target_options)
         manifest.passes = [r.to_json() for r in result.records]
+        quantization_to_manifest(manifest)
         manifest.sampler = None
         manifest.extra["component"] = name
         manifest.extra.update(extra)
@@ -186,16 +186,23 @@ def _compile_text_encoder(options: CompileOptions, info: Any, out: Path,
             parts.module, tokens, source))
         role = "encoder_hidden_states (B, max_length, hidden_size): CLIP last hidden state"
     passes = [p for p in default_passes(options) if p.name in _PASSES_FOR_TEXT]
+    if parts is not None:  # CLIP: calibrate on prompts of its own tokenizer
+        passes = [_calibrated(p, parts) for p in passes]
     extra: dict[str, Any] = {"output_role": role}
-    if parts is not None and passes:
-        # Not yet: the ONNX QDQ form of a w8 CLIP misses the 60 dB gate against its
-        # fake-quantized graph (50.6 dB on tiny-pipeline), so CLIP stays fp32 and says so.
-        passes = []
-        extra["not_quantized"] = ("CLIP text encoders are compiled unquantized: their ONNX QDQ "
-                                  "form does not yet verify against the fake-quantized graph")
     result = _compile_graph("text_encoder", graph, passes, options, out, reporter, extra)
     result.timings["trace"] = seconds
     return result
+
+
+def _calibrated(quantize: Any, parts: Any) -> Any:
+    """Return the Quantize pass ``quantize`` with its calibration set: token ids of
+    ``quantize.calibration`` seeded prompts (snapc.clip_text.calibration_tokens) for the CLIP
+    text encoder of ``parts``; the observers cannot make token ids from the graph alone."""
+    from snapc.clip_text import calibration_tokens
+
+    tokens = calibration_tokens(parts.tokenizer, quantize.calibration, parts.max_length,
+                                quantize.seed)
+    return dataclasses.replace(quantize, inputs=(tokens,))
 
 
 def _decoder_passes(options: CompileOptions) -> list[Any]:
@@ -223,12 +230,8 @@ def _compile_vae_decoder(options: CompileOptions, info: Any, vae: Any, random_we
                             for b in graph.blocks]}
     extra = {"output_role": "image (B, 3, H, W) in [-1, 1]", "block_map": block_map,
              "scaling_factor": float(vae.config.scaling_factor)}
-    # Core ML: torch.jit.trace of the unflattened program fails on the decoder's attention
-    # once it is in the Neural Engine layout (unflatten routes a 1-D value into its transpose),
-    # so the decoder converts through torch.export unless --coreml-frontend says otherwise.
-    defaults = {"frontend": "export"} if options.target.startswith("coreml") else {}
     result = _compile_graph("vae_decoder", graph, _decoder_passes(options), options, out,
-                            reporter, extra, defaults)
+                            reporter, extra)
     result.timings["trace"] = seconds
     return result
 

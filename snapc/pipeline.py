@@ -111,9 +111,18 @@ def pass_params(pass_: Pass) -> dict[str, Any]:
         for f in fields(pass_):
             value = getattr(pass_, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
-        return {k: v for k, v in out.items()
-                if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+        return {k: v for k, v in out.items() if _json_ready(v)}
     return {}
+
+
+def _json_ready(value: Any) -> bool:
+    """Return whether ``value`` is a JSON scalar, or a list/dict of them (tensors given to a
+    pass, such as Quantize's calibration ``inputs``, are not)."""
+    if isinstance(value, list):
+        return all(_json_ready(v) for v in value)
+    if isinstance(value, dict):
+        return all(_json_ready(v) for v in value.values())
+    return isinstance(value, (str, int, float, bool, type(None)))
 
 
 class PassError(SnapcError):

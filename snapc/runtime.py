@@ -65,7 +65,11 @@ class OnnxFunction(_FixedBatch):
     def __init__(self, path: Path, names: Sequence[str], batch: int) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
+        from snapc.targets.onnx_session import session_options
+
+        # the session config the artifact records, which the ONNX target verified it under
+        # (weight-only int8 MatMuls computed in fp32: targets/onnx_session.py)
+        options = session_options(path)
         # No busy-waiting between runs: snapc calls a session from a sampling loop with torch
         # work (text encoder, DDIM arithmetic, other sessions) in between, and spinning pool
         # threads take those cores (measured on this 2-core machine under load: 62 ms per

@@ -7,7 +7,9 @@ below ``min_psnr_db`` is not written.
 
 A graph with quantization records (``passes/quantize.py``) is exported in fp32, simplified, then
 rewritten to QDQ form (``targets/onnx_qdq.py``: quantized weights + DequantizeLinear, uint8
-Q/DQ around w8a8 layers). It is verified against the fake-quantized torch graph of the records
+Q/DQ around w8a8 layers; the onnxruntime session config it needs written into the model,
+``targets/onnx_session.py``). It is verified, under that config (recorded as
+``verification.session_config``), against the fake-quantized torch graph of the records
 the rewrite realised (``apply_records_to_module``), not against fp32; the PSNR vs fp32 is
 recorded beside it (``verification.vs_fp32``) and the realisation under
 ``quantization.realised``.
@@ -31,6 +33,7 @@ from snapc.manifest import Manifest, versions
 from snapc.numerics import compare
 from snapc.passes.quantize import NODE_PREFIX, apply_records_to_module, quant_records
 from snapc.targets.onnx_qdq import apply_qdq
+from snapc.targets.onnx_session import read_config, session_options
 
 __all__ = ["OnnxOptions", "export", "ONNX_PROTOBUF_LIMIT"]
 
@@ -136,9 +139,8 @@ def _one_data_file(path: Path) -> None:
 def _run_onnxruntime(path: Path, graph: Graph, threads: int) -> torch.Tensor:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), session_options(path, threads),
+                                   providers=["CPUExecutionProvider"])
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(graph.input_names,
                                                         graph.example_inputs, strict=True)}
     return torch.from_numpy(session.run(None, feeds)[0])
@@ -216,6 +218,7 @@ def export(
         verification={
             "reference": reference_name,
             "runtime": "onnxruntime CPUExecutionProvider",
+            "session_config": read_config(path),
             "inputs": "the graph's example inputs",
             "min_psnr_db": gate,
             "passed": True,

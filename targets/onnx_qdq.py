@@ -14,6 +14,10 @@ it, the original name becomes the output of the last node, so consumers are unto
                  Conv's output, and an int32 bias (scale = input scale * weight scales), the
                  pattern onnxruntime fuses into QLinearConv / MatMulIntegerToFloat
 
+The rewritten model records the onnxruntime session config it must run under
+(:mod:`snapc.targets.onnx_session`: weight-only artifacts turn onnxruntime's QDQ rewrites off,
+which would otherwise quantize the activations of their MatMuls at run time).
+
 Initializers are matched to records by value (shape and hash of the fp32 bytes, or of the
 transpose for 2-d weights that the exporter transposed for MatMul), so names given by the
 exporter or onnxsim do not matter. Run it after onnxsim: simplifying would fold the DQ
@@ -35,6 +39,7 @@ import torch
 from snapc.graph import Graph
 from snapc.passes.quantize import NODE_PREFIX, quant_records
 from snapc.passes.quantize_schemes import weight_codes
+from snapc.targets.onnx_session import config_for, session_options, write_config
 
 __all__ = ["apply_qdq", "int8_kernels", "QDQ_OPSET"]
 
@@ -181,7 +186,8 @@ def apply_qdq(model_path: Path | str, graph: Graph,
     quantization ``records`` (default: those of ``graph``) of the graph it was exported from.
 
     Returns info: records realised per scheme, unmatched record keys (weights the exporter
-    folded into other constants, left fp32), fp32 island nodes (fp32 here anyway) and the
+    folded into other constants, left fp32), fp32 island nodes (fp32 here anyway), the
+    onnxruntime session config written into the model (onnx_session.config_for) and the
     model's bytes on disk.
     """
     import onnx
@@ -214,6 +220,8 @@ def apply_qdq(model_path: Path | str, graph: Graph,
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + b.inits)
     _insert_nodes(model, b.nodes)
+    config = config_for(weights[k]["scheme"] for k in found)
+    write_config(model, config)
     if any(r["scheme"] == "w4" for r in weights.values()):
         for opset in model.opset_import:
             if opset.domain in ("", "ai.onnx"):
@@ -222,6 +230,7 @@ def apply_qdq(model_path: Path | str, graph: Graph,
     return {"realised": dict(Counter(weights[k]["scheme"] for k in found)),
             "unmatched": unmatched,
             "fp32_islands": sum(k.startswith(NODE_PREFIX) for k in records),
+            "session_config": config,
             "model_bytes": sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*"))}
 
 
@@ -257,15 +266,16 @@ def _save(model: Any, path: Path) -> None:
 
 
 def int8_kernels(model_path: Path | str) -> dict[str, int]:
-    """Return {op type: count} of onnxruntime's integer kernels in the CPU-optimised model,
-    i.e. the QDQ groups onnxruntime fused into int8 compute."""
+    """Return {op type: count} of onnxruntime's integer kernels in the CPU-optimised model
+    (under its recorded session config), i.e. the QDQ groups onnxruntime fused into int8
+    compute."""
     import tempfile
 
     import onnx
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
+        opts = session_options(model_path)
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)

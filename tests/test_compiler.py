@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from snapc.compiler import CompileOptions, _quantization_to_manifest, default_passes
+from snapc.compiler import CompileOptions, default_passes, quantization_to_manifest
 from snapc.manifest import Manifest
 
 
@@ -26,7 +26,7 @@ def test_mixed_choices_reach_the_manifest_once():
         {"name": "quantize", "params": {"scheme": "mixed"}, "info": {
             "records": {"a.weight": {"scheme": "w8", "bits": 8}},
             "mixed": {"size_mb": 1.2, "mean_bits": 8.0, "psnr_db": 70.0, "layers": layers}}}])
-    _quantization_to_manifest(manifest)
+    quantization_to_manifest(manifest)
     assert manifest.quantization["scheme"] == "mixed"
     assert manifest.quantization["mixed"]["mean_bits"] == 8.0
     assert "layers" not in manifest.quantization["mixed"]  # per layer: in the pass's info

@@ -108,7 +108,7 @@ def test_pipeline_folder_compiles_every_component(tmp_path):
     assert not decoder["model"]["random_weights"]
     assert (out / "tokenizer").is_dir()
     text = json.loads((out / "text_encoder" / "manifest.json").read_text())
-    assert "not_quantized" in text["extra"] and text["verification"]["passed"]
+    assert text["quantization"]["counts"]["w8"] > 0 and text["verification"]["passed"]
 
 
 @pytest.mark.parametrize(("remove", "components", "expected"), [

@@ -33,7 +33,7 @@ def test_coreml_components_verify(tmp_path):
         assert sub["verification"]["passed"] and sub["verification"]["psnr_db"] >= 35
         assert sub["verification"]["runtime"].startswith("numpy MIL interpreter")
     decoder = json.loads((tmp_path / "coreml" / "vae_decoder" / "manifest.json").read_text())
-    assert decoder["target_options"]["frontend"] == "export"  # see components._compile_vae..
+    assert decoder["target_options"]["frontend"] == "trace"  # the default, as the text encoder
     assert decoder["extra"]["block_map"]["counts"] == {"resnet": 6, "transformer": 1}
 
 
