@@ -3,9 +3,13 @@
 On this CPU, for MODEL (default ``shapes``) at batch 2, in one process:
 
   ort              snapc compile --target onnx, run by onnxruntime's CPU provider
-  tvm_generic      snapc compile --target x86 as shipped (LLVM generic x86-64, default schedules)
+  tvm_naive        --mcpu native without snapc's default CPU schedules: the loop nests TVM's
+                   CPU pipeline leaves (what snapc shipped before them)
+  tvm_generic      snapc compile --target x86 as shipped (LLVM generic x86-64, snapc's default
+                   CPU schedules: snapc.targets.tvm_cpu_schedule)
   tvm_native       the same with --mcpu native (LLVM CPU of this machine: AVX2 / AVX-512)
-  tvm_tuned        --mcpu native --tuning RECORDS, the records from ``snapc tune`` (--trials)
+  tvm_tuned        --mcpu native --tuning RECORDS, the records from ``snapc tune`` (--trials);
+                   kernels without a record keep the default schedules
 
 Every artifact is verified against PyTorch by its target as usual (a failed check stops the
 run). Calls of the variants are interleaved round by round with the same inputs; the median
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -39,6 +44,8 @@ def _ort_runner(folder: Path, threads: int) -> tuple[Any, dict[str, np.ndarray]]
     manifest = json.loads((folder / "manifest.json").read_text())
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # Interleaved with TVM: onnxruntime's threads must not spin on the cores TVM then needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(folder / manifest["files"]["model"]), options,
                                    providers=["CPUExecutionProvider"])
     return session, manifest
@@ -75,6 +82,9 @@ def main() -> None:
                         help="records folder to tune into (default: a temporary one)")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
+    # TVM's pool defaults to the physical cores (1 on a 2-vCPU machine); give it as many
+    # threads as onnxruntime, before its runtime starts.
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
 
     from bench.results import machine, write_section
     from snapc.compiler import CompileOptions, compile_model, load_graph
@@ -100,7 +110,8 @@ def main() -> None:
                                               max_kernels=args.max_kernels, batch=args.batch),
                           progress=print)
         timings["tune_s"] = time.perf_counter() - start
-        builds = {"tvm_generic": TvmOptions(target="x86"),
+        builds = {"tvm_naive": TvmOptions(target="x86", mcpu="native", cpu_schedules=False),
+                  "tvm_generic": TvmOptions(target="x86"),
                   "tvm_native": TvmOptions(target="x86", mcpu="native"),
                   "tvm_tuned": TvmOptions(target="x86", mcpu="native", tuning=str(records))}
         manifests = {}
@@ -151,12 +162,13 @@ def main() -> None:
     body = "\n".join([
         f"`python bench/tvm_x86.py --trials {args.trials} --per-round {args.per_round} "
         f"--max-kernels {args.max_kernels} --rounds {args.rounds}` on {host}.",
-        f"{args.model} UNet at batch {args.batch}, {args.threads} onnxruntime threads (TVM: its "
-        "default pool), interleaved rounds, one process.", "", *table, "",
+        f"{args.model} UNet at batch {args.batch}, {args.threads} threads each (onnxruntime "
+        "intra-op, no spinning; TVM_NUM_THREADS), interleaved rounds, one process.", "",
+        *table, "",
         f"Tuning: {tuning['tasks']} kernels, {tuning['tuned']} measured in {args.trials} "
         f"trials ({tuning['cost_model']} cost model), {tuning['seconds']:.0f} s; applied to "
-        f"{tuning['applied']['scheduled_after_lowering']} of {tuning['applied']['kernels']} "
-        "kernels of the tuned build. Figures: bench/out/tvm_x86.json."])
+        f"{tuning['applied']['tuned']} of {tuning['applied']['kernels']} kernels of the tuned "
+        "build (the rest keep the default schedules). Figures: bench/out/tvm_x86.json."])
     print(body)
     if args.write_results:
         write_section("TVM x86", body)

@@ -80,6 +80,8 @@ class TvmOptions:
     ``offload``: a vendor library for the heavy operators (cublas, cudnn, clml, dnnl; see
     snapc.targets.tvm_offload), refused when this TVM cannot build it.
     ``mcpu``: the LLVM CPU of the cpu targets (``native`` is this machine's); None: generic.
+    ``cpu_schedules``: on the cpu targets, snapc's default schedules for the kernels no tuning
+    record covers (snapc.targets.tvm_cpu_schedule); False builds TVM's naive loop nests.
     """
 
     target: str = "x86"
@@ -93,6 +95,7 @@ class TvmOptions:
     tuning: str | None = None
     offload: str | None = None
     mcpu: str | None = None
+    cpu_schedules: bool = True
 
     def check(self) -> None:
         """Raise a one-line SnapcError for a bad target, offload library or records folder."""
@@ -162,7 +165,7 @@ def _lower_for(spec: TvmTargetSpec, graph: Graph, built: Imported, precision: st
     if spec.device == "cuda" and not options.tensor_cores and precision == "fp16":
         notes.append(TENSOR_CORES_OFF)
     return lower(built.module, target, tensor_cores=options.tensor_cores,
-                 database=database), target
+                 database=database, cpu_schedules=options.cpu_schedules), target
 
 
 def _write_library(executable: tvm.runtime.Executable, path: Path,
@@ -391,7 +394,7 @@ def export(
     lowered, target = _lower_for(spec, graph, built, precision, target, options, notes,
                                  database)
     if tuning:
-        tuning["applied_kernels"] = _tuned_kernels(lowered.module)
+        tuning["applied_kernels"] = _tuned_kernels(lowered)
     timings["lower_s"] = lowered.lower_s
     progress("compiling (TIR pipeline and codegen)")
     start = time.perf_counter()
@@ -465,13 +468,15 @@ def _tuning_database(options: TvmOptions, precision: str) -> tuple[Any, dict[str
         "models": index.get("models", []), "workloads": workloads, "records_count": records}
 
 
-def _tuned_kernels(module: tvm.ir.IRModule) -> dict[str, int]:
-    """Return how many TIR kernels of ``module`` carry a schedule (tuned or dlight) and in all."""
+def _tuned_kernels(lowered: Lowered) -> dict[str, int]:
+    """Return how many TIR kernels the tuning records scheduled, how many carry a schedule
+    after lowering (tuned or default) and how many there are."""
     import tvm
 
-    funcs = [f for _, f in module.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    funcs = [f for _, f in lowered.module.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     scheduled = sum(1 for f in funcs if f.attrs is not None and "tirx.is_scheduled" in f.attrs)
-    return {"kernels": len(funcs), "scheduled_after_lowering": scheduled}
+    return {"kernels": len(funcs), "tuned": lowered.tuned_kernels,
+            "scheduled_after_lowering": scheduled}
 
 
 def _realised(records: dict[str, dict[str, Any]], quantized: dict[str, Any]) -> dict[str, Any]:

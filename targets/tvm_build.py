@@ -59,8 +59,10 @@ class Imported:
 class Lowered:
     """A lowered module ready for ``tvm.compile(..., relax_pipeline=None)``.
 
-    ``unscheduled`` holds the fused TIR functions before dlight scheduling (for GPU targets;
-    empty otherwise); ``passes`` names the Relax passes that ran, in order.
+    ``unscheduled`` holds the fused TIR functions before the default schedules (dlight's on GPU
+    targets, snapc's on CPU targets; None where none ran); ``tuned_kernels`` counts the
+    kernels a tuning database scheduled (the default schedules leave those alone); ``passes``
+    names the Relax passes that ran, in order.
     """
 
     module: tvm.ir.IRModule
@@ -68,6 +70,7 @@ class Lowered:
     unscheduled: tvm.ir.IRModule | None
     passes: list[str] = field(default_factory=list)
     lower_s: float = 0.0
+    tuned_kernels: int = 0
 
 
 def import_graph(program: torch.export.ExportedProgram) -> Imported:
@@ -127,11 +130,21 @@ def _backend_pipeline(target: tvm.target.Target) -> ModuleType:
     raise ValueError(f"no TVM Relax pipeline for target {target}")
 
 
-def relax_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+def relax_passes(target: tvm.target.Target,
+                 cpu_schedules: bool = True) -> list[tvm.transform.Pass]:
     """Return TVM's default Relax pipeline for ``target`` as a flat pass list (dlight default
-    schedules included for GPU targets)."""
+    schedules included for GPU targets). On CPU targets, whose TVM pipeline schedules nothing,
+    ``cpu_schedules`` adds snapc's default CPU schedules (snapc.targets.tvm_cpu_schedule)
+    right after legalization, where the GPU pipelines apply dlight's."""
     phases = _backend_pipeline(target)
-    return (phases.library_dispatch_passes(target) + phases.legalize_passes(target)
+    schedule = []
+    if cpu_schedules and target.kind.name == "llvm":
+        from tvm.s_tir import dlight
+
+        from snapc.targets.tvm_cpu_schedule import cpu_rules
+
+        schedule = [dlight.ApplyDefaultSchedule(*cpu_rules())]
+    return (phases.library_dispatch_passes(target) + phases.legalize_passes(target) + schedule
             + phases.dataflow_lower_passes(target) + phases.finalize_passes(target))
 
 
@@ -160,6 +173,7 @@ def lower(
     tensor_cores: bool = True,
     database: Any | None = None,
     stop_at_tuning: bool = False,
+    cpu_schedules: bool = True,
 ) -> Lowered:
     """Return ``module`` lowered by ``relax_passes(target)``; the fused TIR functions are
     snapshotted just before the first dlight schedule pass. ``instruments`` are TVM pass
@@ -167,7 +181,8 @@ def lower(
     False keeps dlight's Matmul rule off the tensor-core (MMA) path on CUDA. ``database``, a
     MetaSchedule database, applies its tuned schedules (``MetaScheduleApplyDatabase``) where
     ``snapc.targets.tvm_tuning.APPLY_BEFORE`` says; ``stop_at_tuning`` returns the module at
-    that point instead (the module ``snapc tune`` extracts its tasks from).
+    that point instead (the module ``snapc tune`` extracts its tasks from). ``cpu_schedules``
+    False leaves CPU kernels as TVM's pipeline leaves them (naive loop nests; for comparison).
 
     The snapshot is a new IRModule: dlight's ApplyDefaultSchedule updates the module it is
     given in place, but PrimFuncs themselves are immutable, so a new module keeps the
@@ -182,8 +197,9 @@ def lower(
     from snapc.targets.tvm_tuning import APPLY_BEFORE
 
     tuned = False
+    tuned_kernels = 0
     with tvm.transform.PassContext(opt_level=3, instruments=instruments or []), target:
-        for step in relax_passes(target):
+        for step in relax_passes(target, cpu_schedules):
             if step.info.name in APPLY_BEFORE and not tuned:
                 tuned = True
                 if stop_at_tuning:
@@ -192,13 +208,22 @@ def lower(
                     with database:
                         module = relax.transform.MetaScheduleApplyDatabase()(module)
                     names.append("MetaScheduleApplyDatabase")
+                    tuned_kernels = _count_scheduled(module)
             if step.info.name == SCHEDULE_PASS and unscheduled is None:
                 unscheduled = _tir_only(module)
                 if not tensor_cores:
                     module = _without_tensor_cores(module)
             module = step(module)
             names.append(step.info.name)
-    return Lowered(module, target, unscheduled, names, time.perf_counter() - start)
+    return Lowered(module, target, unscheduled, names, time.perf_counter() - start,
+                   tuned_kernels)
+
+
+def _count_scheduled(module: tvm.ir.IRModule) -> int:
+    import tvm
+
+    return sum(1 for _, f in module.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+               and f.attrs is not None and "tirx.is_scheduled" in f.attrs)
 
 
 def compile_lowered(lowered: Lowered) -> tvm.runtime.Executable:
