@@ -234,14 +234,22 @@ def test_two_gloo_processes_match_one(mini, distilled, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     training = json.loads((out / "training.json").read_text())
     assert [r["world_size"] for r in training["rounds"]] == [2, 2]
-    start, want, got = (load_file(str(f / "diffusion_pytorch_model.safetensors"))
-                        for f in (mini, distilled, out))
-    moved = torch.cat([(want[k] - start[k]).flatten() for k in want]).norm()
-    apart = torch.cat([(want[k] - got[k]).flatten() for k in want]).norm()
-    # Not bit-equal: at t = 999 the teacher's x0 divides by alpha = 5e-5, so float rounding
-    # of another batch split (or thread count: the same size of difference) moves clipped
-    # pixels; the runs still agree to a few percent of how far training moved the weights.
-    assert apart < 0.1 * moved, (apart, moved)
+    other = tmp_path / "seed-1"
+    result = invoke(str(mini), *RUN, "--seed", "1", "-o", str(other))
+    assert result.exit_code == 0, result.output
+    want, got, reseeded = (load_file(str(f / "diffusion_pytorch_model.safetensors"))
+                           for f in (distilled, out, other))
+
+    def distance(a: dict, b: dict) -> torch.Tensor:
+        return torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+
+    # Not bit-equal: at t = 999 the teacher's x0 divides by alpha = 5e-5, so float rounding of
+    # another batch split (or thread count, or CPU: AVX2 and AVX-512 machines differ by 2x)
+    # moves clipped pixels, and Adam's first steps turn tiny gradient differences into full
+    # lr-sized updates. What a DDP bug (unaveraged gradients, ranks drawing the same samples)
+    # changes is the data each step sees: as much as another seed does.
+    assert distance(want, got) < 0.5 * distance(want, reseeded), (
+        distance(want, got), distance(want, reseeded))
 
 
 @pytest.mark.parametrize("args, message", [
