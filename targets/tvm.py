@@ -473,10 +473,11 @@ def _tuned_kernels(lowered: Lowered) -> dict[str, int]:
     after lowering (tuned or default) and how many there are."""
     import tvm
 
+    from snapc.targets.tvm_build import count_scheduled
+
     funcs = [f for _, f in lowered.module.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    scheduled = sum(1 for f in funcs if f.attrs is not None and "tirx.is_scheduled" in f.attrs)
     return {"kernels": len(funcs), "tuned": lowered.tuned_kernels,
-            "scheduled_after_lowering": scheduled}
+            "scheduled_after_lowering": count_scheduled(lowered.module)}
 
 
 def _realised(records: dict[str, dict[str, Any]], quantized: dict[str, Any]) -> dict[str, Any]:

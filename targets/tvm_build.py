@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["Imported", "Lowered", "import_graph", "to_fp16", "relax_passes", "lower",
-           "compile_lowered", "target_json", "SCHEDULE_PASS"]
+           "compile_lowered", "target_json", "count_scheduled", "SCHEDULE_PASS"]
 
 SCHEDULE_PASS = "ApplyDefaultSchedule"  # tvm.s_tir.dlight's pass name
 
@@ -208,7 +208,7 @@ def lower(
                     with database:
                         module = relax.transform.MetaScheduleApplyDatabase()(module)
                     names.append("MetaScheduleApplyDatabase")
-                    tuned_kernels = _count_scheduled(module)
+                    tuned_kernels = count_scheduled(module)
             if step.info.name == SCHEDULE_PASS and unscheduled is None:
                 unscheduled = _tir_only(module)
                 if not tensor_cores:
@@ -219,7 +219,8 @@ def lower(
                    tuned_kernels)
 
 
-def _count_scheduled(module: tvm.ir.IRModule) -> int:
+def count_scheduled(module: tvm.ir.IRModule) -> int:
+    """Return how many TIR kernels of ``module`` carry a schedule (``tirx.is_scheduled``)."""
     import tvm
 
     return sum(1 for _, f in module.functions_items() if isinstance(f, tvm.tirx.PrimFunc)

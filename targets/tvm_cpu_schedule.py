@@ -162,12 +162,12 @@ class _BlockwiseRule(CPUScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        if self.contraction_only and not self._has_contraction(sch, _lanes(target)):
+        lanes = _lanes(target)
+        if self.contraction_only and not self._has_contraction(sch, lanes):
             return None
         infos = _inline_producers(sch)
         if infos is None:
             return None
-        lanes = _lanes(target)
         for info in infos:
             split = _split_kinds(info, sch)
             if split is None:

@@ -98,15 +98,10 @@ def test_scheduled_kernels_compute_what_the_naive_nest_computes(make, shapes, ou
 
 def test_cpu_schedules_switch(tmp_path) -> None:
     from snapc.compiler import load_graph
-    from snapc.targets.tvm_build import import_graph, lower
+    from snapc.targets.tvm_build import count_scheduled, import_graph, lower
 
     imported = import_graph(load_graph("tiny").program)
     on = lower(imported.module, TARGET)
     off = lower(imported.module, TARGET, cpu_schedules=False)
-
-    def scheduled(lowered) -> int:
-        return sum(1 for _, f in lowered.module.functions_items()
-                   if isinstance(f, tvm.tirx.PrimFunc) and "tirx.is_scheduled" in f.attrs)
-
     assert "ApplyDefaultSchedule" in on.passes and "ApplyDefaultSchedule" not in off.passes
-    assert scheduled(on) > 0 and scheduled(off) == 0
+    assert count_scheduled(on.module) > 0 and count_scheduled(off.module) == 0
