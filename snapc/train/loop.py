@@ -172,6 +172,7 @@ def train(
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
+        ema.to(world.device)  # the checkpoint was read onto the CPU; the shadow follows the params
         step, seconds = int(state["step"]), float(state["seconds"])
         history, runs = list(state["history"]), list(state.get("runs", []))
     elif latest_checkpoint(checkpoints) is not None:
