@@ -3,6 +3,7 @@
     python bench/train_shapes_latent.py vae --minutes 10 --train-device cuda
     python bench/train_shapes_latent.py unet --minutes 20 --train-device cuda
     python bench/train_shapes_latent.py all --minutes 15 --train-device cuda   # both phases
+    python bench/train_shapes_latent.py check --out DIR   # re-measure the shipped files' check
 
 Each phase is a run of snapc.train.loop's ``train`` (progress bar with loss and time left,
 atomic checkpoints in ``<out>.checkpoints/<phase>``, ``--resume``, NaN stop, torchrun DDP:
@@ -17,11 +18,18 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from snapc.cli_common import err
 from snapc.cli_train import TrainBar
 from snapc.errors import SnapcError
 from snapc.shapes_latent.config import WEIGHTS_DIR
-from snapc.shapes_latent.recipe import PhaseOptions, train_autoencoder, train_latent_unet
+from snapc.shapes_latent.recipe import (
+    PhaseOptions,
+    recheck_pipeline,
+    train_autoencoder,
+    train_latent_unet,
+)
 from snapc.train.options import TrainOptions
 
 DEFAULTS = {"vae": {"batch": 128, "lr": 5e-4}, "unet": {"batch": 512, "lr": 3e-4}}
@@ -29,7 +37,7 @@ DEFAULTS = {"vae": {"batch": 128, "lr": 5e-4}, "unet": {"batch": 512, "lr": 3e-4
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["vae", "unet", "all"])
+    p.add_argument("phase", choices=["vae", "unet", "all", "check"])
     p.add_argument("--minutes", type=float, default=None, help="training minutes per phase")
     p.add_argument("--steps", type=int, default=None, help="training steps per phase")
     p.add_argument("--batch", type=int, default=None, help="global batch (vae 128, unet 512)")
@@ -48,8 +56,23 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--train-device", default="auto")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="unet phase: start from this folder's unet/ and text encoder (train "
+                        "in several time-limited runs: --init-from the last run's --out)")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     return p.parse_args()
+
+
+def _recheck(args: argparse.Namespace) -> None:
+    """Re-measure the unet phase's check of the files in --out and rewrite the record."""
+    device = "cuda" if args.train_device in ("auto", "cuda") and torch.cuda.is_available() \
+        else "cpu"
+    try:
+        checks = recheck_pipeline(args.out, args.eval_prompts, args.eval_steps, device)
+    except SnapcError as exc:
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(exc.exit_code)
+    err.print(f"{args.out}: {json.dumps(checks)}")
 
 
 def main() -> None:
@@ -57,7 +80,11 @@ def main() -> None:
     args = _parse()
     phase = PhaseOptions(out=args.out, eval_prompts=args.eval_prompts,
                          eval_steps=args.eval_steps, kl_weight=args.kl_weight,
-                         caption_dropout=args.caption_dropout, resume=args.resume)
+                         caption_dropout=args.caption_dropout, resume=args.resume,
+                         init_from=args.init_from)
+    if args.phase == "check":
+        _recheck(args)
+        return
     phases = ["vae", "unet"] if args.phase == "all" else [args.phase]
     runners = {"vae": train_autoencoder, "unet": train_latent_unet}
     try:

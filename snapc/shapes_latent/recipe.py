@@ -55,6 +55,7 @@ class PhaseOptions:
     caption_dropout: float = 0.1
     scale_samples: int = 1024  # training scenes whose latent std sets scaling_factor
     resume: bool = False
+    init_from: Path | None = None  # unet phase: start from this folder's unet/ + text encoder
     vae_config: dict | None = None  # None: VAE_CONFIG (tests pass a smaller one)
     unet_config: dict | None = None  # None: UNET_CONFIG
 
@@ -70,6 +71,11 @@ class PhaseOptions:
             raise SnapcError(f"--kl-weight must be >= 0, not {self.kl_weight}")
         if not 0 <= self.caption_dropout < 1:
             raise SnapcError(f"--caption-dropout must be in [0, 1), not {self.caption_dropout}")
+        if self.init_from is not None:
+            for part in ("unet/config.json", "text_encoder.safetensors"):
+                if not (self.init_from / part).is_file():
+                    raise SnapcError(f"--init-from: {self.init_from / part} missing; point at "
+                                     "a folder the unet phase wrote")
 
 
 def _checkpoints(out: Path, phase: str) -> Path:
@@ -170,6 +176,26 @@ def train_autoencoder(phase: PhaseOptions, options: TrainOptions, *,
         teardown_world(world)
 
 
+def _unet_start(phase: PhaseOptions) -> tuple[torch.nn.Module, TextEncoder, dict | None]:
+    """Return the UNet and text encoder the unet phase starts from, fp32: new ones, or with
+    ``init_from`` that folder's (a warm restart: new optimiser and lr schedule, for training
+    in several runs where one run is time-limited), with the record of how they were made."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    text = TextEncoder()
+    if phase.init_from is None:
+        return UNet2DConditionModel(**(phase.unet_config or UNET_CONFIG)), text, None
+    unet = UNet2DConditionModel.from_pretrained(phase.init_from / "unet").float()
+    text.load_state_dict({k: v.float() for k, v in
+                          load_file(str(phase.init_from / "text_encoder.safetensors")).items()})
+    before = _read_record(phase.init_from)["phases"].get("unet", {})
+    chain = before.get("init_from", {}).get("chain", [])
+    step = {k: before.get(k) for k in ("command", "steps", "train_seconds", "checks")}
+    return unet, text, {"path": str(phase.init_from), "chain": [*chain, step],
+                        "steps_before": sum(int(c.get("steps") or 0) for c in [*chain, step])}
+
+
 def train_latent_unet(phase: PhaseOptions, options: TrainOptions, *,
                       progress: Callable | None = None) -> dict[str, Any]:
     """Train the latent UNet and text encoder on ``out/vae``'s latents, check the pipeline's
@@ -178,12 +204,7 @@ def train_latent_unet(phase: PhaseOptions, options: TrainOptions, *,
 
     Raises SnapcError when ``out/vae`` is missing (train the autoencoder first).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from snapc.quality import prompt_adherence, validation_codes
-    from snapc.shapes.data import caption
-    from snapc.shapes_latent.config import to_shapes_resolution
-    from snapc.shapes_latent.pipeline import generate
+    from diffusers import AutoencoderKL
 
     phase.check()
     options.check()
@@ -194,20 +215,17 @@ def train_latent_unet(phase: PhaseOptions, options: TrainOptions, *,
     try:
         torch.manual_seed(options.seed)
         vae = AutoencoderKL.from_pretrained(phase.out / "vae").float()
-        unet = UNet2DConditionModel(**(phase.unet_config or UNET_CONFIG))
-        method = LatentDiffusion(unet, TextEncoder(), vae, options.batch, world.device,
+        unet, text, earlier = _unet_start(phase)
+        method = LatentDiffusion(unet, text, vae, options.batch, world.device,
                                  caption_dropout=phase.caption_dropout, seed=options.seed)
         record = _run(method, options, phase.out, "unet", world, phase.resume, progress)
         if not world.main:
             return {}
         half_unet, half_text = _half_copy(method.student.unet), _half_copy(method.student.text)
-        codes = validation_codes(phase.eval_prompts)
-        _, images = generate(vae.to(world.device).eval(),
-                             _as_shipped(half_unet, world.device),
-                             _as_shipped(half_text, world.device),
-                             [caption(int(c)) for c in codes], steps=phase.eval_steps,
-                             device=world.device)
-        scores = prompt_adherence(to_shapes_resolution(images), codes)
+        checks = pipeline_checks(vae.to(world.device).eval(),
+                                 _as_shipped(half_unet, world.device),
+                                 _as_shipped(half_text, world.device),
+                                 phase.eval_prompts, phase.eval_steps, world.device)
         with atomic_output_dir(phase.out / "unet", force=True) as tmp:
             half_unet.save_pretrained(tmp, safe_serialization=True)
         with atomic_output_file(phase.out / "text_encoder.safetensors") as tmp:
@@ -215,14 +233,53 @@ def train_latent_unet(phase: PhaseOptions, options: TrainOptions, *,
         record |= {"command": " ".join(["python", *sys.argv]),
                    "params": {"unet": sum(p.numel() for p in half_unet.parameters()),
                               "text_encoder": sum(p.numel() for p in half_text.parameters())},
-                   "checks": {"sampler": {"steps": phase.eval_steps, "guidance": 3.0,
-                                          "spacing": "linspace"},
-                              "validation_prompts": phase.eval_prompts, **scores}}
+                   "checks": checks}
+        if earlier is not None:
+            record["init_from"] = earlier
         _write_record(phase.out, "unet", record)
         shutil.rmtree(_checkpoints(phase.out, "unet"), ignore_errors=True)
         return record
     finally:
         teardown_world(world)
+
+
+def pipeline_checks(vae: torch.nn.Module, unet: torch.nn.Module, text: torch.nn.Module,
+                    prompts: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Return the unet phase's check: prompt adherence of the whole pipeline (DDIM, CFG 3,
+    x0 clipped to the encoder's latent range) on ``prompts`` validation captions."""
+    from snapc.quality import prompt_adherence, validation_codes
+    from snapc.shapes.data import caption
+    from snapc.shapes_latent.config import to_shapes_resolution
+    from snapc.shapes_latent.pipeline import generate, latent_range
+
+    codes = validation_codes(prompts)
+    _, images = generate(vae, unet, text, [caption(int(c)) for c in codes], steps=steps,
+                         device=device)
+    return {"sampler": {"steps": steps, "guidance": 3.0, "spacing": "linspace",
+                        "x0_range": round(latent_range(vae), 4)},
+            "validation_prompts": prompts,
+            **prompt_adherence(to_shapes_resolution(images), codes)}
+
+
+def recheck_pipeline(out: Path, prompts: int, steps: int,
+                     device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Re-measure the unet phase's check on the files in ``out`` (as shipped, fp16 read as
+    fp32) with today's sampler; replace it in training.json (the old one kept under
+    ``checks_before``) and TRAINING.md. Returns the new check."""
+    from snapc.shapes_latent.pipeline import load_pipeline
+
+    device = torch.device(device)
+    vae, unet, text = load_pipeline(out)
+    checks = pipeline_checks(vae.to(device), unet.to(device), text.to(device), prompts, steps,
+                             device)
+    record = _read_record(out)["phases"].get("unet")
+    if record is None:
+        raise SnapcError(f"{_record_path(out)} has no unet phase to re-check")
+    record["checks_before"] = record.get("checks")
+    record["checks"] = checks
+    record["rechecked_by"] = " ".join(["python", *sys.argv])
+    _write_record(out, "unet", record)
+    return checks
 
 
 def render_training_md(full: dict[str, Any]) -> str:
@@ -245,5 +302,10 @@ def render_training_md(full: dict[str, Any]) -> str:
                   f"{', '.join(devices)} ({rec.get('world_size', 1)} process(es)), batch "
                   f"{opts.get('batch')}, lr {opts.get('lr')}, EMA {opts.get('ema')}, "
                   f"seed {opts.get('seed')}",
-                  f"- final loss {rec.get('final_loss')}", f"- checks: {json.dumps(checks)}", ""]
+                  f"- final loss {rec.get('final_loss')}", f"- checks: {json.dumps(checks)}"]
+        if "init_from" in rec:
+            lines.append(f"- started from earlier weights ({rec['init_from']['steps_before']} "
+                         f"steps in {len(rec['init_from']['chain'])} earlier run(s), commands "
+                         "in training.json's init_from)")
+        lines.append("")
     return "\n".join(lines)
