@@ -88,7 +88,7 @@ def _load_unet(folder: Path) -> nn.Module:
     from safetensors import SafetensorError
 
     try:
-        return UNet2DConditionModel.from_pretrained(folder).float().eval()
+        return UNet2DConditionModel.from_pretrained(folder, low_cpu_mem_usage=False).float().eval()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise WeightsError(f"cannot load the latent UNet in {folder}: {_first_line(exc)}; "
                            "re-run the unet phase of bench/train_shapes_latent.py") from None

@@ -111,7 +111,7 @@ def _from_folder(folder: Path) -> nn.Module:
     from safetensors import SafetensorError
 
     try:
-        return AutoencoderKL.from_pretrained(folder).float().eval()
+        return AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False).float().eval()
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"cannot load the AutoencoderKL in {folder}: {first}") from None

@@ -46,8 +46,11 @@ def load_pipeline(weights_dir: Path = WEIGHTS_DIR) -> tuple[nn.Module, nn.Module
         if not (weights_dir / part).is_file():
             raise WeightsError(f"{weights_dir / part} missing; train shapes-latent with "
                                "`python bench/train_shapes_latent.py all --minutes M`")
-    vae = AutoencoderKL.from_pretrained(weights_dir / "vae").float().eval()
-    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet").float().eval()
+    # low_cpu_mem_usage=False: accelerate is no dependency, and without it diffusers prints an
+    # install hint on every load (the loading itself is the same)
+    quiet = {"low_cpu_mem_usage": False}
+    vae = AutoencoderKL.from_pretrained(weights_dir / "vae", **quiet).float().eval()
+    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", **quiet).float().eval()
     text = TextEncoder()
     text.load_state_dict({k: v.float() for k, v in
                           load_file(str(weights_dir / "text_encoder.safetensors")).items()})

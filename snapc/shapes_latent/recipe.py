@@ -186,7 +186,8 @@ def _unet_start(phase: PhaseOptions) -> tuple[torch.nn.Module, TextEncoder, dict
     text = TextEncoder()
     if phase.init_from is None:
         return UNet2DConditionModel(**(phase.unet_config or UNET_CONFIG)), text, None
-    unet = UNet2DConditionModel.from_pretrained(phase.init_from / "unet").float()
+    unet = UNet2DConditionModel.from_pretrained(phase.init_from / "unet",
+                                                low_cpu_mem_usage=False).float()
     text.load_state_dict({k: v.float() for k, v in
                           load_file(str(phase.init_from / "text_encoder.safetensors")).items()})
     before = _read_record(phase.init_from)["phases"].get("unet", {})
@@ -214,7 +215,7 @@ def train_latent_unet(phase: PhaseOptions, options: TrainOptions, *,
     world = setup_world(options.device)
     try:
         torch.manual_seed(options.seed)
-        vae = AutoencoderKL.from_pretrained(phase.out / "vae").float()
+        vae = AutoencoderKL.from_pretrained(phase.out / "vae", low_cpu_mem_usage=False).float()
         unet, text, earlier = _unet_start(phase)
         method = LatentDiffusion(unet, text, vae, options.batch, world.device,
                                  caption_dropout=phase.caption_dropout, seed=options.seed)
