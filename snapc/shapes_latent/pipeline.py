@@ -69,8 +69,7 @@ def latent_range(vae: nn.Module) -> float:
         device = next(vae.parameters()).device
         gen = torch.Generator().manual_seed(4242)  # on the CPU: the same scenes on any device
         codes = sample_codes(RANGE_SCENES, split="train", generator=gen).to(device)
-        with torch.no_grad():
-            z = vae.encode(scenes(codes)).latent_dist.mean.float() * vae.config.scaling_factor
+        z = vae.encode(scenes(codes)).latent_dist.mean.float() * vae.config.scaling_factor
         cached = float(z.abs().flatten().quantile(RANGE_QUANTILE))
         vae._snapc_latent_range = cached
     return cached

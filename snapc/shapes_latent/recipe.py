@@ -269,13 +269,14 @@ def recheck_pipeline(out: Path, prompts: int, steps: int,
     ``checks_before``) and TRAINING.md. Returns the new check."""
     from snapc.shapes_latent.pipeline import load_pipeline
 
+    record = _read_record(out)["phases"].get("unet")
+    if record is None:  # before the long part
+        raise SnapcError(f"{_record_path(out)} has no unet phase to re-check; train it with "
+                         "`python bench/train_shapes_latent.py unet --out DIR`")
     device = torch.device(device)
     vae, unet, text = load_pipeline(out)
     checks = pipeline_checks(vae.to(device), unet.to(device), text.to(device), prompts, steps,
                              device)
-    record = _read_record(out)["phases"].get("unet")
-    if record is None:
-        raise SnapcError(f"{_record_path(out)} has no unet phase to re-check")
     record["checks_before"] = record.get("checks")
     record["checks"] = checks
     record["rechecked_by"] = " ".join(["python", *sys.argv])
