@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from snapc.cli_common import err
 from snapc.cli_train import TrainBar
 from snapc.errors import SnapcError
@@ -63,18 +61,6 @@ def _parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _recheck(args: argparse.Namespace) -> None:
-    """Re-measure the unet phase's check of the files in --out and rewrite the record."""
-    device = "cuda" if args.train_device in ("auto", "cuda") and torch.cuda.is_available() \
-        else "cpu"
-    try:
-        checks = recheck_pipeline(args.out, args.eval_prompts, args.eval_steps, device)
-    except SnapcError as exc:
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
-        sys.exit(exc.exit_code)
-    err.print(f"{args.out}: {json.dumps(checks)}")
-
-
 def main() -> None:
     """Run the chosen phase(s) and print each phase's record summary."""
     args = _parse()
@@ -82,12 +68,14 @@ def main() -> None:
                          eval_steps=args.eval_steps, kl_weight=args.kl_weight,
                          caption_dropout=args.caption_dropout, resume=args.resume,
                          init_from=args.init_from)
-    if args.phase == "check":
-        _recheck(args)
-        return
     phases = ["vae", "unet"] if args.phase == "all" else [args.phase]
     runners = {"vae": train_autoencoder, "unet": train_latent_unet}
     try:
+        if args.phase == "check":
+            checks = recheck_pipeline(args.out, args.eval_prompts, args.eval_steps,
+                                      args.train_device)
+            err.print(f"{args.out}: {json.dumps(checks)}")
+            return
         with TrainBar() as bar:
             for name in phases:
                 options = TrainOptions(

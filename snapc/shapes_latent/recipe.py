@@ -55,7 +55,8 @@ class PhaseOptions:
     caption_dropout: float = 0.1
     scale_samples: int = 1024  # training scenes whose latent std sets scaling_factor
     resume: bool = False
-    init_from: Path | None = None  # unet phase: start from this folder's unet/ + text encoder
+    init_from: Path | None = None  # unet phase: start from the UNet + text encoder of a folder
+    # the unet phase wrote (snapc.shapes_latent.pipeline.load_pipeline reads it)
     vae_config: dict | None = None  # None: VAE_CONFIG (tests pass a smaller one)
     unet_config: dict | None = None  # None: UNET_CONFIG
 
@@ -72,7 +73,7 @@ class PhaseOptions:
         if not 0 <= self.caption_dropout < 1:
             raise SnapcError(f"--caption-dropout must be in [0, 1), not {self.caption_dropout}")
         if self.init_from is not None:
-            for part in ("unet/config.json", "text_encoder.safetensors"):
+            for part in ("vae/config.json", "unet/config.json", "text_encoder.safetensors"):
                 if not (self.init_from / part).is_file():
                     raise SnapcError(f"--init-from: {self.init_from / part} missing; point at "
                                      "a folder the unet phase wrote")
@@ -181,15 +182,12 @@ def _unet_start(phase: PhaseOptions) -> tuple[torch.nn.Module, TextEncoder, dict
     ``init_from`` that folder's (a warm restart: new optimiser and lr schedule, for training
     in several runs where one run is time-limited), with the record of how they were made."""
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
-    text = TextEncoder()
+    from snapc.shapes_latent.pipeline import load_pipeline
+
     if phase.init_from is None:
-        return UNet2DConditionModel(**(phase.unet_config or UNET_CONFIG)), text, None
-    unet = UNet2DConditionModel.from_pretrained(phase.init_from / "unet",
-                                                low_cpu_mem_usage=False).float()
-    text.load_state_dict({k: v.float() for k, v in
-                          load_file(str(phase.init_from / "text_encoder.safetensors")).items()})
+        return UNet2DConditionModel(**(phase.unet_config or UNET_CONFIG)), TextEncoder(), None
+    _, unet, text = load_pipeline(phase.init_from)
     before = _read_record(phase.init_from)["phases"].get("unet", {})
     chain = before.get("init_from", {}).get("chain", [])
     step = {k: before.get(k) for k in ("command", "steps", "train_seconds", "checks")}
@@ -262,21 +260,23 @@ def pipeline_checks(vae: torch.nn.Module, unet: torch.nn.Module, text: torch.nn.
             **prompt_adherence(to_shapes_resolution(images), codes)}
 
 
-def recheck_pipeline(out: Path, prompts: int, steps: int,
-                     device: torch.device | str = "cpu") -> dict[str, Any]:
+def recheck_pipeline(out: Path, prompts: int, steps: int, device: str = "cpu") -> dict[str, Any]:
     """Re-measure the unet phase's check on the files in ``out`` (as shipped, fp16 read as
-    fp32) with today's sampler; replace it in training.json (the old one kept under
-    ``checks_before``) and TRAINING.md. Returns the new check."""
+    fp32) with today's sampler on ``device`` (as ``--train-device``: auto, cpu, cuda); replace
+    it in training.json (the old one kept under ``checks_before``) and TRAINING.md. Returns
+    the new check."""
     from snapc.shapes_latent.pipeline import load_pipeline
 
     record = _read_record(out)["phases"].get("unet")
     if record is None:  # before the long part
         raise SnapcError(f"{_record_path(out)} has no unet phase to re-check; train it with "
                          "`python bench/train_shapes_latent.py unet --out DIR`")
-    device = torch.device(device)
-    vae, unet, text = load_pipeline(out)
-    checks = pipeline_checks(vae.to(device), unet.to(device), text.to(device), prompts, steps,
-                             device)
+    world = setup_world(device)
+    try:
+        vae, unet, text = (m.to(world.device) for m in load_pipeline(out))
+        checks = pipeline_checks(vae, unet, text, prompts, steps, world.device)
+    finally:
+        teardown_world(world)
     record["checks_before"] = record.get("checks")
     record["checks"] = checks
     record["rechecked_by"] = " ".join(["python", *sys.argv])
