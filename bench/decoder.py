@@ -51,6 +51,7 @@ def _write_rows(rows: list[dict], machine: str) -> None:
 
 
 def _add_row(row: dict, machine: str) -> None:
+    row = {**row, "ran_on": machine}  # rows of one file can come from different machines
     rows = [r for r in _load_rows() if r["key"] != row["key"]] + [row]
     _write_rows(rows, machine)
     print(json.dumps(row), flush=True)
@@ -179,16 +180,25 @@ def run(args, machine: str) -> None:
 
 
 def table() -> str:
-    """Return the markdown table of the rows."""
+    """Return the markdown table of the rows (MACs relative to each model's own original)."""
+    rows = _load_rows()
+    original = {r["model"]: r["gmacs"] for r in rows if r["keep"] == 1.0 and r["width_keep"] == 1.0}
     lines = ["| decoder | ResNet / width channels removed | params (M) | GMACs | "
-             "iphone14pro-ane ms | adreno740 ms | adherence | FD | weights |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(_load_rows(), key=lambda r: (r["model"], -r["keep"], -r["width_keep"])):
+             "MACs vs original | iphone14pro-ane ms | adreno740 ms | distilled | adherence | FD | "
+             "weights |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], -r["keep"], -r["width_keep"])):
         q = r.get("quality") or {}
+        trained = r.get("training")
+        minutes = f"{trained['train_seconds'] / 60:g} min" if trained else "-"
+        fewer = original.get(r["model"], r["gmacs"]) / r["gmacs"]
+        fewer_text = f"{fewer:.2f}x fewer" if r["keep"] < 1.0 or r["width_keep"] < 1.0 else "-"
         lines.append(
             f"| {r['model']} | {r['channels_removed']:.0%} / {r['width_removed']:.0%} | "
-            f"{r['params'] / 1e6:.3f} | {r['gmacs']:.3f} | {r['ms']['iphone14pro-ane']:.2f} | "
-            f"{r['ms']['adreno740']:.2f} | {q.get('adherence', '-')} | {q.get('fd', '-')} | "
+            f"{r['params'] / 1e6:.3f} | {r['gmacs']:.3f} | {fewer_text} | "
+            f"{r['ms']['iphone14pro-ane']:.2f} | {r['ms']['adreno740']:.2f} | "
+            f"{minutes} | "
+            f"{q.get('adherence', '-')} | {round(q['fd'], 1) if 'fd' in q else '-'} | "
             f"{'random (cost only)' if r['random_weights'] else 'trained'} |")
     return "\n".join(lines)
 
@@ -227,6 +237,8 @@ def main() -> None:
         return
     if args.figures_only:
         figures_only(args.variants, machine())
+    elif args.train_device.startswith("cuda"):
+        run(args, f"{machine()}; GPU {torch.cuda.get_device_name()}")
     else:
         run(args, machine())
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from snapc.calibration import alphas_cumprod_for, calibration_inputs, to_x0
+from snapc.calibration import alphas_cumprod_for, calibration_inputs, to_x0, x0_bound_for
 from snapc.errors import BudgetError, SnapcError, UnknownNameError
 from snapc.graph import Graph
 from snapc.incremental import BypassEvaluator
@@ -135,10 +135,10 @@ def search_blocks(
         progress(f"tracing at calibration batch {calibration}")
         evaluator = BypassEvaluator(graph.at_batch(inputs), inputs, device=eval_device)
         if space == "x0":
-            schedule = alphas_cumprod_for(graph)
+            schedule, bound = alphas_cumprod_for(graph), x0_bound_for(graph)
 
             def transform(eps: torch.Tensor) -> torch.Tensor:
-                return to_x0(eps, inputs[0], inputs[1], schedule)
+                return to_x0(eps, inputs[0], inputs[1], schedule, bound)
         elif space == "eps":
             def transform(eps: torch.Tensor) -> torch.Tensor:
                 return eps

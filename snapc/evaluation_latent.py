@@ -9,11 +9,11 @@ with another one (a compressed-decoder folder from ``snapc compress-decoder``, l
 :func:`snapc.decoder.load_compressed_vae`, or a plain AutoencoderKL folder): prompts, start
 noise and UNet are the same, so the latents are the same and only the decoding differs.
 
-The model is ``shapes-latent`` (the shipped weights, ``snapc/weights/shapes-latent``) or any
+The model is ``shapes-latent`` (the shipped weights, ``snapc/weights/shapes-latent``), any
 folder of its layout (``vae/``, ``unet/``, ``text_encoder.safetensors``: what
-``bench/train_shapes_latent.py --out DIR`` writes). The name is not a registered UNet model
-(:data:`snapc.models.MODELS`): only evaluation knows it, so nothing else changes while the
-weights are not trained yet.
+``bench/train_shapes_latent.py --out DIR`` writes), or a pruned-UNet folder derived from it
+(``snapc distill shapes-latent -o DIR``: its UNet with the shipped autoencoder and text
+encoder).
 """
 
 from __future__ import annotations
@@ -59,8 +59,24 @@ def is_latent_model(model: str) -> bool:
     path = Path(model)
     if not path.is_dir() or (path / "model_index.json").is_file():
         return False
+    if _pruned_base(path) is not None:
+        from snapc.models import is_latent_family
+
+        return is_latent_family(_pruned_base(path))
     return (path / "text_encoder.safetensors").is_file() or (
         (path / "vae" / "config.json").is_file() and (path / "training.json").is_file())
+
+
+def _pruned_base(folder: Path) -> str | None:
+    """Return the base model a pruned-UNet folder names, or None for another folder."""
+    from snapc.pruned import is_pruned_folder, read_record
+
+    if not is_pruned_folder(folder):
+        return None
+    try:
+        return read_record(folder).base
+    except SnapcError:
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -155,15 +171,17 @@ def load_latent_pipeline(model: str, *, decoder: str | Path | None = None,
     """
     from snapc.decoder import load_vae
     from snapc.evaluation import check_device
+    from snapc.pruned import load_pruned_unet
 
     check_device(device)
-    folder = _folder(model)
+    pruned = Path(model) if model != LATENT_NAME and _pruned_base(Path(model)) else None
+    folder = _folder(LATENT_NAME if pruned else model)
     substitute = None if decoder is None else load_decoder(decoder)
     vae = load_vae(str(folder / "vae")).vae.float().eval()
     if substitute is not None:
         _check_fits(vae, substitute, str(decoder))
         vae = substitute
-    unet = _load_unet(folder / "unet")
+    unet = _load_unet(folder / "unet") if pruned is None else load_pruned_unet(pruned).eval()
     text = _load_text(folder / "text_encoder.safetensors")
     parts = [m.to(device).requires_grad_(False) for m in (vae, unet, text)]
     return LatentPipeline(name=model, vae=parts[0], unet=parts[1], text=parts[2],

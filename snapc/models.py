@@ -36,6 +36,9 @@ __all__ = [
     "read_state_dict",
     "load_state_strict",
     "is_shapes_family",
+    "is_latent_family",
+    "is_trained_family",
+    "file_sha256",
 ]
 
 # Exact public config of runwayml/stable-diffusion-v1-5 unet/config.json (diffusers format).
@@ -247,8 +250,15 @@ def _shapes(batch: int, latent: int | None, device: torch.device, seed: int) -> 
         raise WeightsError(f"model 'shapes' is trained at 32x32; drop --latent {latent}")
     weights = shapes_model.weights_path()
     info = ModelInfo(name="shapes", random_weights=False, config=dict(module.config),
-                     weights_path=str(weights), weights_sha256=_file_sha256(weights))
+                     weights_path=str(weights), weights_sha256=file_sha256(weights))
     return LoadedModel(module.to(device), tuple(t.to(device) for t in inputs), info)
+
+
+def _shapes_latent(batch: int, latent: int | None, device: torch.device, seed: int
+                   ) -> LoadedModel:
+    from snapc.shapes_latent.family import load_unet_model
+
+    return load_unet_model(batch, latent, device, seed)
 
 
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
@@ -298,10 +308,15 @@ MODELS: dict[str, ModelSpec] = {
     "shapes-fast": ModelSpec(
         "shapes-fast", "shapes-small step-distilled to 4 steps with guidance built in: one "
         "UNet call per step (shipped)", _shipped_pruned("shapes-fast")),
+    "shapes-latent": ModelSpec(
+        "shapes-latent", "the latent UNet of the trained shapes-latent pipeline (16x16x4 "
+        "latents; its autoencoder and text encoder in snapc/weights/shapes-latent; shipped)",
+        _shapes_latent),
 }
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Return the hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -388,14 +403,34 @@ def _load_pruned(folder: Path, batch: int, latent: int | None, seed: int) -> Loa
         if latent is not None and latent != clean["sample_size"]:
             raise WeightsError(f"model {record.name!r} is trained at 32x32; drop --latent {latent}")
         inputs = shapes_model.example_inputs(batch)
+    elif is_latent_family(record.base):
+        from snapc.shapes_latent.family import LATENT_SIZE, example_inputs, load_parts
+
+        if latent is not None and latent != LATENT_SIZE:
+            raise WeightsError(f"model {record.name!r} samples {LATENT_SIZE}x{LATENT_SIZE} "
+                               f"latents; drop --latent {latent}")
+        inputs = example_inputs(batch, load_parts()[2])
     else:
         inputs = unet_example_inputs(clean, batch, latent, CONTEXT_LEN.get(record.base, 77),
                                      "cpu", seed)
     weights = folder / pruned.WEIGHTS_FILE
     info = ModelInfo(name=record.name, random_weights=record.random_weights, config=clean,
-                     weights_path=str(weights), weights_sha256=_file_sha256(weights),
+                     weights_path=str(weights), weights_sha256=file_sha256(weights),
                      base=record.base, removed=record.removed, sampler=record.sampler)
     return LoadedModel(module, inputs, info, removed=record.removed)
+
+
+def is_latent_family(name: str | None) -> bool:
+    """Return whether a model (or base) name is ``shapes-latent`` or derived from it."""
+    from snapc.shapes_latent.family import is_latent_family as latent
+
+    return latent(name)
+
+
+def is_trained_family(name: str | None) -> bool:
+    """Return whether a model (or base) name is of a trained reference family (``shapes``
+    or ``shapes-latent``): the families with training data and a full quality metric."""
+    return bool(name) and (is_shapes_family(str(name)) or is_latent_family(name))
 
 
 def is_shapes_family(name: str) -> bool:
@@ -473,7 +508,7 @@ def _load_folder(folder: Path, batch: int, latent: int | None, seed: int) -> Loa
     clean = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
     inputs = unet_example_inputs(clean, batch, latent, context_len, "cpu", seed)
     info = ModelInfo(name=name, random_weights=False, config=clean,
-                     weights_path=str(weights), weights_sha256=_file_sha256(weights))
+                     weights_path=str(weights), weights_sha256=file_sha256(weights))
     return LoadedModel(module.eval(), inputs, info)
 
 
@@ -496,7 +531,7 @@ def _load_file(path: Path, arch: str | None, batch: int, latent: int | None, see
     base = MODELS[arch].build(batch, latent, torch.device("cpu"), seed)
     load_state_strict(base.module, state, path)
     info = ModelInfo(name=f"{arch}:{path.name}", random_weights=False, config=base.info.config,
-                     weights_path=str(path), weights_sha256=_file_sha256(path))
+                     weights_path=str(path), weights_sha256=file_sha256(path))
     return LoadedModel(base.module.eval(), base.example_inputs, info)
 
 
@@ -517,7 +552,7 @@ def load_model(
     device = torch.device(device)
     path = Path(model)
     if model in MODELS:
-        if device.type == "meta" and is_shapes_family(model):
+        if device.type == "meta" and is_trained_family(model):
             device = torch.device("cpu")
         return MODELS[model].build(batch, latent, device, seed)
     if path.is_dir():

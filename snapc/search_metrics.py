@@ -1,4 +1,4 @@
-"""Full quality metrics for block search on the trained `shapes` model.
+"""Full quality metrics for block search on the trained `shapes` and `shapes-latent` models.
 
 ``AdherenceLoss`` samples images with a block set removed and returns 1 - prompt adherence:
 the full metric (the analogue of SnapFusion's CLIP score), usable as ``SearchBlocks(metric=)``.
@@ -15,7 +15,23 @@ import torch
 from snapc.graph import Graph
 from snapc.incremental import BypassEvaluator
 
-__all__ = ["AdherenceLoss"]
+__all__ = ["AdherenceLoss", "full_metric"]
+
+
+def full_metric(graph: Graph, prompts: int = 100, steps: int = 10, device: str = "cpu"):
+    """Return the full metric for ``graph``'s family, or None where there is none: the
+    shapes family's :class:`AdherenceLoss`, shapes-latent's
+    :class:`snapc.shapes_latent.family.LatentAdherenceLoss` (its pictures decoded)."""
+    from snapc.models import is_latent_family, is_shapes_family
+
+    base = graph.source.base or graph.source.name
+    if is_shapes_family(base):
+        return AdherenceLoss(graph, prompts=prompts, steps=steps, device=device)
+    if is_latent_family(base):
+        from snapc.shapes_latent.family import LatentAdherenceLoss
+
+        return LatentAdherenceLoss(graph, prompts=prompts, steps=steps, device=device)
+    return None
 
 
 class AdherenceLoss:

@@ -42,11 +42,12 @@ class NoiseSchedule:
 
     @classmethod
     def for_model(cls, base: str, device: torch.device) -> NoiseSchedule:
-        """Return the schedule a model was trained with: shapes' cosine schedule, else SD's
-        scaled-linear betas (0.00085 .. 0.012, 1000 steps) through diffusers' scheduler."""
-        from snapc.models import is_shapes_family
+        """Return the schedule a model was trained with: shapes' cosine schedule (shapes and
+        shapes-latent families), else SD's scaled-linear betas (0.00085 .. 0.012, 1000 steps)
+        through diffusers' scheduler."""
+        from snapc.models import is_trained_family
 
-        if is_shapes_family(base):
+        if is_trained_family(base):
             from snapc.shapes.schedule import alphas_cumprod
 
             return cls(alphas_cumprod(device))

@@ -118,11 +118,16 @@ def checkpoint_folder(out: Path) -> Path:
 def _data_source(base: str, teacher: nn.Module, example: tuple[torch.Tensor, ...],
                  options: RecoveryOptions, train_options: TrainOptions, loss: RecoveryLoss,
                  random_weights: bool, device: torch.device):
-    from snapc.models import is_shapes_family
+    from snapc.models import is_latent_family, is_shapes_family
     from snapc.train.data import ShapesScenes, TeacherSamples, load_conditioning
 
     if is_shapes_family(base):
         return ShapesScenes(train_options.batch, train_options.seed, device,
+                            loss.caption_dropout)
+    if is_latent_family(base):
+        from snapc.shapes_latent.family import LatentScenes
+
+        return LatentScenes(train_options.batch, train_options.seed, device,
                             loss.caption_dropout)
     sample, _, context = example
     states, uncond = load_conditioning(options.conditioning, context.shape[-1], context.shape[1],
@@ -136,17 +141,13 @@ def _search(unet: nn.Module, loaded: Any, options: RecoveryOptions, device: torc
             report: Callable[[str], None]) -> dict:
     """Return the block-search record for ``unet`` (the original or the robust model)."""
     from snapc.frontend import trace
-    from snapc.models import is_shapes_family
     from snapc.passes import SearchBlocks
     from snapc.pipeline import PassContext
+    from snapc.search_metrics import full_metric
 
     graph = trace(unet.cpu().eval(), loaded.example_inputs, loaded.info)
-    metric = None
-    if is_shapes_family(loaded.info.base or loaded.info.name):
-        from snapc.search_metrics import AdherenceLoss
-
-        metric = AdherenceLoss(graph, prompts=options.search_prompts,
-                               steps=options.search_steps, device=str(device))
+    metric = full_metric(graph, prompts=options.search_prompts, steps=options.search_steps,
+                         device=str(device))
     search = SearchBlocks(device=options.device, budget=options.budget, keep=options.keep,
                           metric=metric, eval_device=str(device))
     result = search.run(graph, PassContext(options={"progress": report}))
@@ -188,13 +189,12 @@ def _screen(loaded: Any, data: NoisedBatches, options: RecoveryOptions,
     """Recover each candidate set briefly, score it; return the best set, its screened
     student (the start of the full recovery) and the screening table."""
     from snapc.frontend import trace
-    from snapc.models import is_shapes_family
     from snapc.passes import SearchBlocks
     from snapc.pipeline import PassContext
     from snapc.train.recovery import RecoveryDistillation
     from snapc.train.screening import (
         Candidate,
-        adherence_score,
+        full_metric_score,
         heldout_loss_score,
         predicted_latency,
         random_sets,
@@ -208,8 +208,7 @@ def _screen(loaded: Any, data: NoisedBatches, options: RecoveryOptions,
     candidates = [Candidate("search", tuple(chosen), predicted_latency(graph, cost, chosen))]
     seeds = [train_options.seed * 1009 + i for i in range(options.screen)]
     candidates += random_sets(graph, cost, target, seeds, options.keep)
-    shapes = is_shapes_family(base)
-    score_fn = adherence_score(options.search_prompts, options.search_steps) if shapes else None
+    score_fn = full_metric_score(base, options.search_prompts, options.search_steps)
     screen_options = TrainOptions(**{**asdict(train_options), "steps": options.screen_steps,
                                      "minutes": options.screen_minutes})
     table, students = [], []
@@ -238,7 +237,7 @@ def _screen(loaded: Any, data: NoisedBatches, options: RecoveryOptions,
         students.append(method.student)
     best = min(range(len(table)), key=lambda k: table[k]["score"])
     return list(candidates[best].removed), students[best], {
-        "metric": "1 - adherence" if shapes else "held-out distillation loss",
+        "metric": "1 - adherence" if score_fn else "held-out distillation loss",
         "candidates": table, "chosen": candidates[best].origin}
 
 

@@ -36,9 +36,9 @@ from snapc.train.distributed import World
 from snapc.train.loop import Batch, Method, TrainProgress, train
 from snapc.train.options import TrainOptions
 
-__all__ = ["Candidate", "predicted_latency", "random_sets", "adherence_score", "heldout_loss_score",
-           "HELDOUT_SEED", "heldout_batches", "heldout_parts", "Measure", "RecoveryProbe",
-           "recovery_probe"]
+__all__ = ["Candidate", "predicted_latency", "random_sets", "adherence_score",
+           "full_metric_score", "heldout_loss_score", "HELDOUT_SEED", "heldout_batches",
+           "heldout_parts", "Measure", "RecoveryProbe", "recovery_probe"]
 
 # Training batch ``step`` is drawn from seed (seed * 1_000_003 + step * 7919 + stream * 104_729)
 # mod 2**63-1 (snapc.train.loop.batch_generator): below 2**40 for seeds < 10**5 and steps < 10**8,
@@ -118,6 +118,21 @@ def adherence_score(prompts: int = 100, steps: int = 10, guidance: float = 3.0,
         return 1.0 - prompt_adherence(images, codes)["adherence"]
 
     return score
+
+
+def full_metric_score(base: str, prompts: int = 100, steps: int = 10
+                      ) -> Callable[[nn.Module, torch.device], float] | None:
+    """Return the full-metric screening score of a model family (1 - prompt adherence, its
+    pictures decoded for shapes-latent), or None for a family without one."""
+    from snapc.models import is_latent_family, is_shapes_family
+
+    if is_shapes_family(base):
+        return adherence_score(prompts, steps)
+    if is_latent_family(base):
+        from snapc.shapes_latent.family import latent_adherence_score
+
+        return latent_adherence_score(prompts, steps)
+    return None
 
 
 def heldout_batches(data: NoisedBatches, n: int, chunk: int,
