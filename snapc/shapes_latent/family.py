@@ -27,7 +27,7 @@ from torch import nn
 
 from snapc.graph import Graph
 from snapc.shapes_latent.config import LATENT_CHANNELS, LATENT_SIZE, WEIGHTS_DIR
-from snapc.train.data import NoisedBatches, NoiseSchedule
+from snapc.train.data import NoiseSchedule, ShapesScenes
 
 __all__ = ["LATENT_BASE", "is_latent_family", "load_parts", "example_inputs",
            "load_unet_model", "LatentScenes", "calibration_triples", "x0_bound",
@@ -93,10 +93,10 @@ def load_unet_model(batch: int, latent: int | None, device: torch.device, seed: 
     return LoadedModel(unet.to(device), inputs, info)
 
 
-class LatentScenes(NoisedBatches):
+class LatentScenes(ShapesScenes):
     """shapes scenes at 64x64 through the frozen encoder, rendered on the training device."""
 
-    def __init__(self, batch_size: int, seed: int, device: torch.device,
+    def __init__(self, batch_size: int, seed: int, device: torch.device,  # noqa: D107
                  caption_dropout: float = 0.1) -> None:
         vae, text = _frozen_vae_and_text()
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -107,20 +107,15 @@ class LatentScenes(NoisedBatches):
     @torch.no_grad()
     def clean(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return n scaled latents of training scenes and their caption states (dropout to "")."""
-        from snapc.shapes.data import sample_codes
-        from snapc.shapes.text import caption_tokens
         from snapc.shapes_latent.config import scenes
         from snapc.shapes_latent.methods import encode_latents
 
-        codes = sample_codes(n, split="train", generator=gen, device=self.device)
-        tokens = caption_tokens(codes)
-        drop = torch.rand(n, generator=gen, device=self.device) < self.caption_dropout
-        tokens = torch.where(drop.unsqueeze(1), torch.zeros_like(tokens), tokens)
+        codes, tokens = self.scene_codes(gen, n)
         return encode_latents(self.vae, scenes(codes)).float(), self.text(tokens).float()
 
     def describe(self) -> dict:
         """Return the source's settings for the training record."""
-        return {**super().describe(), "caption_dropout": self.caption_dropout,
+        return {**super().describe(),
                 "data": "shapes scenes 64x64 through shapes-latent's frozen encoder"}
 
 

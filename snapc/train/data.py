@@ -110,16 +110,23 @@ class ShapesScenes(NoisedBatches):
         self.text = load_text_encoder().to(device)
         self.schedule = NoiseSchedule.for_model("shapes", device)
 
-    @torch.no_grad()
-    def clean(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return n rendered training scenes and their caption states (dropout to "")."""
-        from snapc.shapes.data import render, sample_codes
+    def scene_codes(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return n training scene codes and their caption tokens, a ``caption_dropout``
+        fraction of them the empty caption (what CFG needs)."""
+        from snapc.shapes.data import sample_codes
         from snapc.shapes.text import caption_tokens
 
         codes = sample_codes(n, split="train", generator=gen, device=self.device)
         tokens = caption_tokens(codes)
         drop = torch.rand(n, generator=gen, device=self.device) < self.caption_dropout
-        tokens = torch.where(drop.unsqueeze(1), torch.zeros_like(tokens), tokens)
+        return codes, torch.where(drop.unsqueeze(1), torch.zeros_like(tokens), tokens)
+
+    @torch.no_grad()
+    def clean(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return n rendered training scenes and their caption states (dropout to "")."""
+        from snapc.shapes.data import render
+
+        codes, tokens = self.scene_codes(gen, n)
         return render(codes), self.text(tokens).float()
 
     def describe(self) -> dict:
