@@ -59,10 +59,11 @@ def is_latent_model(model: str) -> bool:
     path = Path(model)
     if not path.is_dir() or (path / "model_index.json").is_file():
         return False
-    if _pruned_base(path) is not None:
+    base = _pruned_base(path)
+    if base is not None:
         from snapc.models import is_latent_family
 
-        return is_latent_family(_pruned_base(path))
+        return is_latent_family(base)
     return (path / "text_encoder.safetensors").is_file() or (
         (path / "vae" / "config.json").is_file() and (path / "training.json").is_file())
 

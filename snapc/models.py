@@ -404,12 +404,12 @@ def _load_pruned(folder: Path, batch: int, latent: int | None, seed: int) -> Loa
             raise WeightsError(f"model {record.name!r} is trained at 32x32; drop --latent {latent}")
         inputs = shapes_model.example_inputs(batch)
     elif is_latent_family(record.base):
-        from snapc.shapes_latent.family import LATENT_SIZE, example_inputs, load_parts
+        from snapc.shapes_latent.family import LATENT_SIZE, example_inputs, shipped_text_encoder
 
         if latent is not None and latent != LATENT_SIZE:
             raise WeightsError(f"model {record.name!r} samples {LATENT_SIZE}x{LATENT_SIZE} "
                                f"latents; drop --latent {latent}")
-        inputs = example_inputs(batch, load_parts()[2])
+        inputs = example_inputs(batch, shipped_text_encoder())
     else:
         inputs = unet_example_inputs(clean, batch, latent, CONTEXT_LEN.get(record.base, 77),
                                      "cpu", seed)

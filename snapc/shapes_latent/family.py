@@ -29,7 +29,8 @@ from snapc.graph import Graph
 from snapc.shapes_latent.config import LATENT_CHANNELS, LATENT_SIZE, WEIGHTS_DIR
 from snapc.train.data import NoiseSchedule, ShapesScenes
 
-__all__ = ["LATENT_BASE", "is_latent_family", "load_parts", "example_inputs",
+__all__ = ["LATENT_BASE", "is_latent_family", "load_parts", "shipped_text_encoder",
+           "example_inputs",
            "load_unet_model", "LatentScenes", "calibration_triples", "x0_bound",
            "LatentAdherenceLoss", "latent_adherence_score"]
 
@@ -53,6 +54,11 @@ def _frozen_vae_and_text() -> tuple[nn.Module, nn.Module]:
     # read once per process: data, calibration and metrics only read them (no gradients)
     vae, _, text = load_parts()
     return vae.requires_grad_(False), text.requires_grad_(False)
+
+
+def shipped_text_encoder() -> nn.Module:
+    """Return the shipped text encoder (read once per process, frozen)."""
+    return _frozen_vae_and_text()[1]
 
 
 def _caption_states(captions: list[str], text: nn.Module) -> torch.Tensor:
