@@ -1,4 +1,5 @@
-"""Step distillation on `shapes`: DDIM+CFG teachers vs guidance-embedded progressive students.
+"""Step distillation on `shapes` and `shapes-latent`: DDIM+CFG teachers vs guidance-embedded
+progressive students.
 
 Rows of ``bench/out/step_distill.json`` (1000 validation prompts; adherence and FD as
 ``snapc evaluate`` reports them), appended as each finishes so a run split over sessions
@@ -10,6 +11,12 @@ time limit resumes from its last checkpoint when run again)::
     python bench/step_distill.py --jobs student-1                # that 4-step student -> 2 -> 1
     python bench/step_distill.py --jobs shapes-fast --save snapc/weights/shapes-fast
     python bench/step_distill.py --plot [--write-results]        # PNG + table (RESULTS.md)
+    python bench/step_distill.py --family shapes-latent --jobs teacher student-4
+
+``--family shapes-latent`` runs the ``teacher`` (also at 25 steps) and ``student-4`` jobs on the
+latent pipeline (rows in ``bench/out/step_distill_latent.json``; adherence and FD of the whole
+pipeline, decoder included, as ``snapc evaluate shapes-latent`` reports them; its students are
+sampled with the loss's alpha floor, see snapc.train.steps).
 
 Jobs: ``teacher`` (the shipped model, DDIM with CFG 3 at 1, 2, 4 and 8 steps, linspace and
 trailing spacing, two UNet calls per step), ``student-4`` (``snapc distill shapes
@@ -46,10 +53,18 @@ sys.path.insert(0, str(REPO))
 
 from snapc.artifacts import atomic_output_file  # noqa: E402
 
-OUT = REPO / "bench" / "out" / "step_distill.json"
+OUT = {"shapes": REPO / "bench" / "out" / "step_distill.json",
+       "shapes-latent": REPO / "bench" / "out" / "step_distill_latent.json"}
 JOBS = ("teacher", "student-4", "student-1", "shapes-fast")
-TEACHER_STEPS = (1, 2, 4, 8)
+LATENT_JOBS = ("teacher", "student-4")
+TEACHER_STEPS = {"shapes": (1, 2, 4, 8), "shapes-latent": (1, 2, 4, 8, 25)}
 GUIDANCE = 3.0
+SECTION = {"shapes": "Step distillation: fewer steps, guidance built in",
+           "shapes-latent": "Step distillation on shapes-latent"}
+# issue 17's goals for shapes; for shapes-latent, issue 19's adherence bar (0.90) at 4 steps
+GOALS = {"shapes": [("student", 4, 0.92, 30.0), ("student", 2, 0.88, None),
+                    ("shapes-fast", 4, 0.91, None)],
+         "shapes-latent": [("student", 4, 0.90, None), ("student", 8, 0.90, None)]}
 
 
 def _load(path: Path) -> list[dict]:
@@ -67,8 +82,10 @@ def _key(row: dict) -> tuple:
 
 def _evaluate(model: str, args, **sampler) -> dict:
     from snapc.evaluation import evaluate_model
+    from snapc.evaluation_latent import evaluate_latent
 
-    result = evaluate_model(model, prompts=args.prompts, device=args.device, **sampler)
+    evaluate = evaluate_latent if args.family == "shapes-latent" else evaluate_model
+    result = evaluate(model, prompts=args.prompts, device=args.device, **sampler)
     return {k: result[k] for k in ("steps", "guidance", "spacing", "adherence", "fd",
                                    "unet_calls_per_image", "exact", "colour")}
 
@@ -95,11 +112,12 @@ def _distil(model: str, folder: Path, steps: int, args, *, own_teacher: bool) ->
     return distill_steps(options, train, report=lambda m: print(f"  {m}", flush=True))
 
 
-def _student_folders(job: str, work: Path) -> tuple[str, Path, int, dict[int, Path]]:
+def _student_folders(job: str, work: Path,
+                     family: str) -> tuple[str, Path, int, dict[int, Path]]:
     """Return (model distilled, output folder, its steps, {row steps: folder}) of a job."""
     if job == "student-4":
         out = work / "student-4"
-        return "shapes", out, 4, {8: out / "rounds" / "8-steps", 4: out}
+        return family, out, 4, {8: out / "rounds" / "8-steps", 4: out}
     if job == "student-1":
         out = work / "student-1"
         return str(work / "student-4"), out, 1, {2: out / "rounds" / "2-steps", 1: out}
@@ -122,13 +140,13 @@ def run(args) -> None:
         print(f"== {job}", flush=True)
         if job == "teacher":
             for spacing in ("linspace", "trailing"):
-                for steps in TEACHER_STEPS:
+                for steps in TEACHER_STEPS[args.family]:
                     if ("teacher", steps, spacing) in done:
                         continue
-                    add({"model": "teacher", **_evaluate("shapes", args, steps=steps,
+                    add({"model": "teacher", **_evaluate(args.family, args, steps=steps,
                                                          guidance=GUIDANCE, spacing=spacing)})
             continue
-        model, out, steps, evaluated = _student_folders(job, work)
+        model, out, steps, evaluated = _student_folders(job, work, args.family)
         label = "shapes-fast" if job == "shapes-fast" else "student"
         if all((label, s, "trailing") in done for s in evaluated):
             print(f"  rows of {job} are in {args.out.name}", flush=True)
@@ -171,14 +189,13 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _goals(rows: list[dict]) -> str:
-    """Issue 17's goals, each with the row that answers it (or 'not measured')."""
+def _goals(rows: list[dict], family: str) -> str:
+    """The family's goals (GOALS), each with the row that answers it (or 'not measured')."""
     def find(model: str, steps: int) -> dict | None:
         return next((r for r in rows if r["model"] == model and r["steps"] == steps
                      and r["spacing"] == "trailing"), None)
 
-    goals = [("student", 4, 0.92, 30.0), ("student", 2, 0.88, None),
-             ("shapes-fast", 4, 0.91, None)]
+    goals = GOALS[family]
     lines = ["", "", "| goal | measured | met |", "| --- | --- | --- |"]
     for model, steps, adherence, fd in goals:
         want = f"{model} at {steps} steps: adherence >= {adherence}" + (
@@ -193,19 +210,23 @@ def _goals(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_check() -> str:
-    """The `snapc evaluate shapes-fast` run on the CPU, when its JSON is in bench/out."""
-    path = REPO / "bench" / "out" / "evaluate_shapes_fast_cpu.json"
+def _cpu_check(family: str) -> str:
+    """The `snapc evaluate` run of the family's student on the CPU, when its JSON is in
+    bench/out."""
+    name = {"shapes": "shapes_fast", "shapes-latent": "latent_student"}[family]
+    path = REPO / "bench" / "out" / f"evaluate_{name}_cpu.json"
     if not path.is_file():
         return ""
     r = json.loads(path.read_text())
-    return (f"\n`snapc evaluate shapes-fast --prompts {r['prompts']} --json` on the 2-core CPU "
+    teacher = {"shapes": "0.934 / FD 20.9 on the 1000 prompts (\"Reference model: shapes\")",
+               "shapes-latent": "0.932 / FD 125.3 on these 200 prompts on this CPU "
+                                "(\"shapes-latent\")"}[family]
+    return (f"\n`snapc evaluate {r['model']} --prompts {r['prompts']} --json` on the 2-core CPU "
             f"(its own sampler: {r['steps']} {r['spacing']} steps, guidance {r['guidance']:g} "
             f"built in, {r['unet_calls_per_image']} UNet calls per image): adherence "
             f"**{r['adherence']:.3f}**, exact {r['exact']:.3f}, FD {r['fd']:.1f} (FD of "
             f"{r['prompts']} samples is biased upward), {r['seconds']:.0f} s "
-            f"(`bench/out/{path.name}`). The 25-step CFG teacher scores 0.934 / FD 20.9 on "
-            "the 1000 prompts (\"Reference model: shapes\").\n")
+            f"(`bench/out/{path.name}`). The 25-step CFG teacher scores {teacher}.\n")
 
 
 def plot(args) -> None:
@@ -235,16 +256,17 @@ def plot(args) -> None:
           title="adherence (higher is better)")
     b.set(xscale="log", yscale="log", xlabel="UNet calls per image", ylabel="FD",
           title="Fréchet distance (lower is better)")
+    fig.suptitle(args.family)
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     b.grid(alpha=0.3)
     png = save_figure(fig, args.out.with_suffix(".png"))
-    table = _table(rows) + _goals(rows)
+    table = _table(rows) + _goals(rows, args.family)
     prompts = sorted({r["prompts"] for r in rows})
-    body = (f"Measured on {data['machine']} by `bench/step_distill.py`, "
+    body = (f"Measured on {data['machine']} by `bench/step_distill.py --family {args.family}`, "
             f"{'/'.join(map(str, prompts))} validation prompts, CFG {GUIDANCE:g} (built into "
             f"the students). Plot: `{png.relative_to(REPO) if png.is_relative_to(REPO) else png}`"
-            f".\n\n{table}\n") + _cpu_check()
+            f".\n\n{table}\n") + _cpu_check(args.family)
     md = args.out.with_suffix(".md")
     with atomic_output_file(md) as tmp:
         tmp.write_text(body)
@@ -254,13 +276,14 @@ def plot(args) -> None:
         sys.path.insert(0, str(REPO / "bench"))
         from results import write_section
 
-        write_section("Step distillation: fewer steps, guidance built in", body)
+        write_section(SECTION[args.family], body)
         print("updated bench/RESULTS.md")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--jobs", nargs="*", choices=JOBS, default=list(JOBS))
+    p.add_argument("--family", choices=tuple(OUT), default="shapes")
+    p.add_argument("--jobs", nargs="*", choices=JOBS)
     p.add_argument("--steps-per-round", type=int, default=1000)
     p.add_argument("--minutes-per-round", type=float, default=2.5)
     p.add_argument("--start-steps", type=int, default=32)
@@ -271,13 +294,20 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--prompts", type=int, default=1000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=OUT, help="rows file (its stem names the "
-                   "folder of the trained students beside it)")
+    p.add_argument("--out", type=Path, help="rows file (default: the family's in bench/out; "
+                   "its stem names the folder of the trained students beside it)")
     p.add_argument("--save", type=Path, help="copy the shapes-fast folder here")
     p.add_argument("--plot", action="store_true", help="PNG + markdown table of the rows")
     p.add_argument("--write-results", action="store_true",
                    help="with --plot: replace the section in bench/RESULTS.md")
     args = p.parse_args()
+    family_jobs = LATENT_JOBS if args.family == "shapes-latent" else JOBS
+    args.jobs = list(family_jobs) if args.jobs is None else args.jobs
+    wrong = [j for j in args.jobs if j not in family_jobs]
+    if wrong:
+        p.error(f"job {wrong[0]} is not run for {args.family} (its jobs: "
+                f"{', '.join(family_jobs)})")
+    args.out = args.out or OUT[args.family]
     if args.plot:
         plot(args)
     else:

@@ -31,7 +31,7 @@ from snapc.errors import SnapcError, ToolMissingError, WeightsError
 from snapc.shapes.sampler import SPACINGS, Denoiser, SamplerSpec
 
 __all__ = ["LoadedDenoiser", "check_device", "check_request", "load_denoiser",
-           "resolve_sampler", "evaluate_model", "EVALUABLE"]
+           "resolve_sampler", "sampler_of", "evaluate_model", "EVALUABLE"]
 
 EVALUABLE = ("a shapes-family name (shapes, shapes-*), a pruned-UNet folder of a shapes base "
              "(snapc distill -o DIR), or an ONNX artifact compiled from one "
@@ -64,7 +64,8 @@ def _not_evaluable(what: str) -> SnapcError:
                       f"give {EVALUABLE}")
 
 
-def _sampler_of(data: Any, where: str) -> SamplerSpec:
+def sampler_of(data: Any, where: str) -> SamplerSpec:
+    """Return the SamplerSpec of a stored sampler record; WeightsError names ``where``."""
     try:
         return SamplerSpec.from_json(data)
     except (TypeError, ValueError) as exc:
@@ -94,7 +95,7 @@ def _registered(name: str, device: str) -> LoadedDenoiser:
     info = loaded.info
     return LoadedDenoiser(name=name, base=info.base or name,
                           denoiser=module.eval().requires_grad_(False).to(device),
-                          sampler=_sampler_of(info.sampler, f"model '{name}'"), kind="torch",
+                          sampler=sampler_of(info.sampler, f"model '{name}'"), kind="torch",
                           device=device, random_weights=info.random_weights)
 
 
@@ -107,7 +108,7 @@ def _pruned_folder(folder: Path, device: str) -> LoadedDenoiser:
         raise _not_evaluable(f"{folder} is a pruned '{record.base}' model")
     module = load_pruned_unet(folder).requires_grad_(False).to(device)
     return LoadedDenoiser(name=record.name, base=record.base, denoiser=module,
-                          sampler=_sampler_of(record.sampler, str(folder / RECORD_FILE)),
+                          sampler=sampler_of(record.sampler, str(folder / RECORD_FILE)),
                           kind="torch", device=device, random_weights=record.random_weights)
 
 
@@ -162,7 +163,7 @@ def _artifact(folder: Path, device: str) -> LoadedDenoiser:
     batch = batches.pop()
     denoiser = _OnnxDenoiser(onnx_path, batch, tuple(_SHAPES_INPUTS))
     return LoadedDenoiser(name=name, base=base, denoiser=denoiser,
-                          sampler=_sampler_of(model.get("sampler"), str(path)), kind="onnx",
+                          sampler=sampler_of(model.get("sampler"), str(path)), kind="onnx",
                           device="cpu", batch=batch,
                           random_weights=bool(model.get("random_weights", False)))
 
@@ -274,7 +275,8 @@ def evaluate_model(
     start = time.perf_counter()
     scores = evaluate(loaded.denoiser, text, classifier, codes=codes, steps=spec.steps,
                       guidance=spec.guidance, device=loaded.device, spacing=spec.spacing,
-                      guidance_embedded=spec.guidance_embedded, batch=chunk,
+                      guidance_embedded=spec.guidance_embedded,
+                      alpha_floor=spec.alpha_floor, batch=chunk,
                       batch_cfg=loaded.batch is None, seed=seed, progress=progress)
     seconds = time.perf_counter() - start
     where = "onnxruntime-cpu" if loaded.kind == "onnx" else loaded.device

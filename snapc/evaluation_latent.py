@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from snapc.errors import SnapcError, WeightsError
+from snapc.shapes.sampler import SamplerSpec
 
 __all__ = ["LATENT_NAME", "LatentPipeline", "is_latent_model", "load_latent_pipeline",
            "load_decoder", "latent_images", "check_latent_request", "evaluate_latent"]
@@ -49,6 +50,7 @@ class LatentPipeline:
     text: nn.Module
     decoder: str  # "vae/" of the pipeline, or the --decoder folder
     device: str
+    sampler: SamplerSpec = SamplerSpec()  # the stored sampler (the protocol's when none is)
 
 
 def is_latent_model(model: str) -> bool:
@@ -171,12 +173,14 @@ def load_latent_pipeline(model: str, *, decoder: str | Path | None = None,
     folder and the device are checked before the pipeline's weights are read.
     """
     from snapc.decoder import load_vae
-    from snapc.evaluation import check_device
-    from snapc.pruned import load_pruned_unet
+    from snapc.evaluation import check_device, sampler_of
+    from snapc.pruned import RECORD_FILE, load_pruned_unet, read_record
 
     check_device(device)
     pruned = Path(model) if model != LATENT_NAME and _pruned_base(Path(model)) else None
     folder = _folder(LATENT_NAME if pruned else model)
+    sampler = SamplerSpec() if pruned is None else sampler_of(read_record(pruned).sampler,
+                                                               str(pruned / RECORD_FILE))
     substitute = None if decoder is None else load_decoder(decoder)
     vae = load_vae(str(folder / "vae")).vae.float().eval()
     if substitute is not None:
@@ -186,36 +190,43 @@ def load_latent_pipeline(model: str, *, decoder: str | Path | None = None,
     text = _load_text(folder / "text_encoder.safetensors")
     parts = [m.to(device).requires_grad_(False) for m in (vae, unet, text)]
     return LatentPipeline(name=model, vae=parts[0], unet=parts[1], text=parts[2],
-                          decoder="vae/" if decoder is None else str(decoder), device=device)
+                          decoder="vae/" if decoder is None else str(decoder), device=device,
+                          sampler=sampler)
 
 
-def latent_images(pipeline: LatentPipeline, codes: torch.Tensor, *, steps: int = 25,
-                  guidance: float = 3.0, seed: int = 0, batch: int = 250,
+def latent_images(pipeline: LatentPipeline, codes: torch.Tensor, *,
+                  sampler: SamplerSpec | None = None, steps: int | None = None,
+                  seed: int = 0, batch: int = 250,
                   progress: Callable[[int, int], None] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (raw-scaled latents, 64x64 images in [-1, 1]) for the captions of ``codes``.
+    """Return (raw-scaled latents, 64x64 images in [-1, 1]) for the captions of ``codes``,
+    sampled with ``sampler`` (None: the pipeline's own), ``steps`` overriding its steps.
 
     Image i depends only on (i, seed), so two pipelines that differ in their decoder get the
     same latents and differ only in the decoded pictures.
     """
+    from dataclasses import replace
+
     from snapc.shapes.data import caption
     from snapc.shapes_latent.pipeline import generate
 
+    spec = sampler or pipeline.sampler
+    if steps is not None:
+        spec = replace(spec, steps=steps)
     return generate(pipeline.vae, pipeline.unet, pipeline.text,
-                    [caption(int(c)) for c in codes], steps=steps, guidance=guidance,
-                    seed=seed, batch=batch, device=pipeline.device, progress=progress)
+                    [caption(int(c)) for c in codes], steps=spec.steps, guidance=spec.guidance,
+                    spacing=spec.spacing, guidance_embedded=spec.guidance_embedded,
+                    alpha_floor=spec.alpha_floor, seed=seed, batch=batch,
+                    device=pipeline.device, progress=progress)
 
 
 def check_latent_request(*, prompts: int, steps: int | None = None,
                          spacing: str | None = None, batch: int | None = None) -> None:
     """Raise SnapcError for a request shapes-latent cannot take (those of
-    :func:`snapc.evaluation.check_request`, and a spacing other than linspace)."""
+    :func:`snapc.evaluation.check_request`)."""
     from snapc.evaluation import check_request
 
     check_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch)
-    if spacing not in (None, "linspace"):
-        raise SnapcError(f"shapes-latent samples with linspace DDIM timesteps; drop --spacing "
-                         f"{spacing}")
 
 
 def evaluate_latent(
@@ -234,13 +245,15 @@ def evaluate_latent(
     """Return the prompt adherence and FD of the whole pipeline on ``validation_codes(prompts)``.
 
     ``model`` is what :func:`load_latent_pipeline` takes (with ``decoder`` and ``device``), or
-    its result. Sampler: 25 linspace DDIM steps with CFG 3 (the recipe's check), steps /
-    guidance overriding. The result has the keys model, base, decoder, decoder_params,
-    prompts, steps, guidance, spacing, guidance_embedded, unet_calls_per_image, adherence,
-    exact, count, colour, shape, size, position, fd, seconds and device. Raises SnapcError
-    for a bad request (checked before loading) or a pipeline that cannot be loaded.
+    its result. Sampler: the model's stored one (a plain pipeline: 25 linspace DDIM steps with
+    CFG 3, the recipe's check), steps / guidance / spacing overriding. The result has the
+    keys model, base, decoder, decoder_params, prompts, the sampler's fields (steps, guidance,
+    spacing, guidance_embedded, alpha_floor), unet_calls_per_image, adherence, exact, count,
+    colour, shape, size, position, fd, seconds and device. Raises SnapcError for a bad
+    request (checked before loading) or a pipeline that cannot be loaded.
     """
     from snapc.decoder.measure import decoder_params
+    from snapc.evaluation import resolve_sampler
     from snapc.quality import (
         frechet_distance,
         image_features,
@@ -249,19 +262,17 @@ def evaluate_latent(
         validation_codes,
     )
     from snapc.shapes.data import render
-    from snapc.shapes.sampler import SamplerSpec
     from snapc.shapes_latent.config import to_shapes_resolution
 
     check_latent_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch)
-    spec = SamplerSpec(**{k: v for k, v in (("steps", steps), ("guidance", guidance))
-                          if v is not None})
     pipeline = model if isinstance(model, LatentPipeline) else load_latent_pipeline(
         model, decoder=decoder, device=device)
+    spec = resolve_sampler(pipeline.sampler, steps=steps, guidance=guidance, spacing=spacing)
     classifier = load_feature_classifier().to(pipeline.device)
     codes = validation_codes(prompts)
     start = time.perf_counter()
-    _, images = latent_images(pipeline, codes, steps=spec.steps, guidance=spec.guidance,
-                              seed=seed, batch=batch or 250, progress=progress)
+    _, images = latent_images(pipeline, codes, sampler=spec, seed=seed, batch=batch or 250,
+                              progress=progress)
     small = to_shapes_resolution(images)
     scores = prompt_adherence(small, codes)
     scores["fd"] = frechet_distance(image_features(classifier, small),

@@ -371,7 +371,8 @@ def generate(
         if artifact.latent is None:
             x = sample(counted, context, uncond, steps=spec.steps, guidance=spec.guidance,
                        noise=noise[i : i + 1], batch_cfg=True, spacing=spec.spacing,
-                       guidance_embedded=spec.guidance_embedded)
+                       guidance_embedded=spec.guidance_embedded,
+                       alpha_floor=spec.alpha_floor)
         else:
             latents = _sample_latents(artifact, counted, context, uncond, spec,
                                       noise[i : i + 1])

@@ -147,13 +147,14 @@ def generate(
     batch_cfg: bool = True,
     spacing: str = "linspace",
     guidance_embedded: bool = False,
+    alpha_floor: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Return (N, 3, 32, 32) images in [-1, 1] (on CPU) generated for the captions of codes.
 
     Start noise is drawn once for all N from `seed`, so image i depends only on (i, seed).
     batch_cfg=False calls the denoiser at batch size `batch` (for graphs traced at fixed batch).
-    spacing and guidance_embedded are passed to :func:`snapc.shapes.sampler.sample`.
+    spacing, guidance_embedded and alpha_floor are passed to :func:`snapc.shapes.sampler.sample`.
     progress(done, total) is called after each chunk of images.
     """
     noise = _start_noise(len(codes), seed)
@@ -164,7 +165,8 @@ def generate(
         context = encode_captions([caption(int(c)) for c in chunk], text_encoder).to(device)
         x = sample(unet, context, uncond, steps=steps, guidance=guidance,
                    noise=noise[lo : lo + len(chunk)].to(device), batch_cfg=batch_cfg,
-                   spacing=spacing, guidance_embedded=guidance_embedded)
+                   spacing=spacing, guidance_embedded=guidance_embedded,
+                   alpha_floor=alpha_floor)
         out.append(x.cpu())
         if progress is not None:
             progress(lo + len(chunk), len(codes))
@@ -236,6 +238,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     spacing: str = "linspace",
     guidance_embedded: bool = False,
+    alpha_floor: float = 0.0,
     batch: int = 250,
     batch_cfg: bool = True,
     seed: int = EVAL_SEED,
@@ -248,8 +251,9 @@ def evaluate(
     """
     codes = validation_codes() if codes is None else codes
     images = generate(unet, text_encoder, codes, steps=steps, guidance=guidance, device=device,
-                      spacing=spacing, guidance_embedded=guidance_embedded, batch=batch,
-                      batch_cfg=batch_cfg, seed=seed, progress=progress)
+                      spacing=spacing, guidance_embedded=guidance_embedded,
+                      alpha_floor=alpha_floor, batch=batch, batch_cfg=batch_cfg, seed=seed,
+                      progress=progress)
     real = render(codes)
     result = prompt_adherence(images, codes)
     result["fd"] = frechet_distance(image_features(classifier, images),

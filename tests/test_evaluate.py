@@ -24,8 +24,8 @@ from snapc.testing import one_error_line
 
 REMOVED = ("mid_block.attentions.0", "up_blocks.0.resnets.1")
 FIELDS = {"model", "base", "prompts", "steps", "guidance", "spacing", "guidance_embedded",
-          "unet_calls_per_image", "adherence", "exact", "count", "colour", "shape", "size",
-          "position", "fd", "seconds", "device"}
+          "alpha_floor", "unet_calls_per_image", "adherence", "exact", "count", "colour",
+          "shape", "size", "position", "fd", "seconds", "device"}
 METRICS = ("adherence", "exact", "count", "colour", "shape", "size", "position")
 
 

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler
 
 from snapc.quality import EVAL_GUIDANCE, EVAL_STEPS
 from snapc.shapes.sampler import SamplerSpec, ddim_timesteps, sample
-from snapc.shapes.schedule import TRAIN_STEPS
+from snapc.shapes.schedule import TRAIN_STEPS, alphas_cumprod
 
 
 class Recorder:
@@ -90,10 +90,28 @@ def test_sampler_spec_defaults_round_trip_and_errors():
     assert fast.unet_calls_per_image == 4 and isinstance(fast.guidance, float)
     assert SamplerSpec.from_json(fast.to_json()) == fast
     assert fast.to_json() == {"steps": 4, "guidance": 3.0, "spacing": "trailing",
-                              "guidance_embedded": True}
+                              "guidance_embedded": True, "alpha_floor": 0.0}
     assert SamplerSpec.from_json({"steps": 8}) == SamplerSpec(steps=8)
     for bad, message in [({"steps": 0}, "steps"), ({"spacing": "leading"}, "spacing"),
                          ({"prediction": "v"}, "unknown field"), ({"steps": 2.5}, "steps"),
-                         ({"guidance_embedded": "yes"}, "guidance_embedded"), ([4], "object")]:
+                         ({"guidance_embedded": "yes"}, "guidance_embedded"), ([4], "object"),
+                         ({"alpha_floor": 1.0}, "alpha_floor"),
+                         ({"alpha_floor": True}, "alpha_floor")]:
         with pytest.raises(ValueError, match=message):
             SamplerSpec.from_json(bad)
+
+
+def test_alpha_floor_reads_a_one_step_output_as_x0_over_the_floor():
+    """With a floor f, x0 = (x - sigma eps) / max(alpha, f): at t = 999 (alpha 4.9e-5) a
+    residual x - sigma eps = 0.01 x becomes x0 = 0.2 x; without the floor it clips."""
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    context = torch.zeros(2, 4, 8)
+    ab = alphas_cumprod()
+
+    def eps_of(x, t, c):
+        return (x - 0.01 * x) / (1 - ab[int(t[0])]).sqrt()
+
+    kw = {"steps": 1, "noise": noise, "guidance_embedded": True, "spacing": "trailing"}
+    floored = sample(eps_of, context, None, alpha_floor=0.05, **kw)
+    assert torch.allclose(floored, (0.2 * noise).clamp(-1, 1), atol=1e-4)
+    assert (sample(eps_of, context, None, **kw).abs() == 1).float().mean() > 0.99

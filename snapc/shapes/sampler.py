@@ -20,6 +20,12 @@ T - 1, T - 1 - T/n, ... (999, 749, 499, 249 for n = 4) and spends every call on 
 
 A denoiser with guidance built in (``guidance_embedded``, a guidance-distilled student) is
 called once per step on the caption alone; otherwise classifier-free guidance costs two calls.
+``alpha_floor`` f > 0 divides the x0 estimate by ``max(sqrt(a), f)`` instead of ``sqrt(a)``:
+at the cosine schedule's t = 999 (sqrt(a) = 4.9e-5) an epsilon-predicting network cannot
+carry an x0 through ``(x - sqrt(1 - a) eps) / sqrt(a)`` (it would need eps to 1e-5), and with
+the floor the same output predicts ``x0 ~ (x - sqrt(1 - a) eps) / f`` instead, a
+well-conditioned x0 parametrisation at that one step. Only a denoiser trained that way (the
+step-distilled shapes-latent students, :mod:`snapc.train.steps`) is sampled with a floor.
 :class:`SamplerSpec` is the recipe stored with a model's weights and carried into manifests.
 """
 
@@ -54,6 +60,7 @@ class SamplerSpec:
     guidance: float = 3.0
     spacing: str = "linspace"
     guidance_embedded: bool = False
+    alpha_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -66,7 +73,12 @@ class SamplerSpec:
         if not isinstance(self.guidance_embedded, bool):
             raise ValueError("sampler guidance_embedded must be true or false, "
                              f"not {self.guidance_embedded!r}")
+        if isinstance(self.alpha_floor, bool) or not isinstance(self.alpha_floor, (int, float)) \
+                or not 0.0 <= self.alpha_floor < 1.0:
+            raise ValueError(f"sampler alpha_floor must be a number in [0, 1), "
+                             f"not {self.alpha_floor!r}")
         object.__setattr__(self, "guidance", float(self.guidance))  # 3 and 3.0 are one spec
+        object.__setattr__(self, "alpha_floor", float(self.alpha_floor))
 
     @property
     def unet_calls_per_image(self) -> int:
@@ -135,6 +147,7 @@ def sample(
     batch_cfg: bool = True,
     spacing: str = "linspace",
     guidance_embedded: bool = False,
+    alpha_floor: float = 0.0,
 ) -> torch.Tensor:
     """Return (B, 3, 32, 32) images in [-1, 1] sampled with DDIM (eta 0) from B contexts.
 
@@ -145,6 +158,7 @@ def sample(
     denoiser traced at a fixed batch size B). spacing: "linspace" or "trailing" (see
     :func:`ddim_timesteps`). guidance_embedded: the denoiser has guidance built in; it is
     called once per step on `context`, and uncond_context and guidance are not used.
+    alpha_floor: the x0 estimate divides by max(sqrt(alpha_bar), alpha_floor) (module notes).
     """
     b = context.shape[0]
     if noise is None:
@@ -169,7 +183,7 @@ def sample(
             eps_c = _eps(unet, x, t, context)
             eps = eps_u + guidance * (eps_c - eps_u)
         a = ab[t]
-        x0 = ((x - (1 - a).sqrt() * eps.float()) / a.sqrt()).clamp(-1, 1)
+        x0 = ((x - (1 - a).sqrt() * eps.float()) / a.sqrt().clamp(min=alpha_floor)).clamp(-1, 1)
         if i == len(times) - 1:
             break
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()

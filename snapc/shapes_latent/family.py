@@ -148,7 +148,7 @@ def x0_bound() -> float:
     """Return the bound an x0 estimate is clipped to: the encoder's latent range."""
     from snapc.shapes_latent.pipeline import latent_range
 
-    return latent_range(_frozen_vae_and_text()[0].cpu())
+    return latent_range(_frozen_vae_and_text()[0])  # on its device: it is shared
 
 
 def _adherence_of_images(images: torch.Tensor, codes: torch.Tensor) -> float:

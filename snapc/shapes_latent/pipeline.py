@@ -76,27 +76,40 @@ def latent_range(vae: nn.Module) -> float:
 
 
 @torch.no_grad()
-def sample_latents(unet: nn.Module, context: torch.Tensor, uncond: torch.Tensor, *,
+def sample_latents(unet: nn.Module, context: torch.Tensor, uncond: torch.Tensor | None, *,
                    steps: int = 25, guidance: float = 3.0, noise: torch.Tensor,
-                   x0_range: float | None = None) -> torch.Tensor:
+                   x0_range: float | None = None, spacing: str = "linspace",
+                   guidance_embedded: bool = False, alpha_floor: float = 0.0) -> torch.Tensor:
     """Return scaled latents sampled by DDIM with CFG from start ``noise`` (B, C, h, w);
     each step's x0 estimate is clipped to [-x0_range, x0_range] (None: not clipped) and the
-    eps of the step recomputed from it, as diffusers' DDIMScheduler does with clip_sample."""
+    eps of the step recomputed from it, as diffusers' DDIMScheduler does with clip_sample.
+
+    ``spacing``, ``guidance_embedded`` (one conditional call per step; ``uncond`` and
+    ``guidance`` unused) and ``alpha_floor`` (the x0 estimate divides by
+    max(sqrt(alpha_bar), alpha_floor)) are those of :class:`snapc.shapes.sampler.SamplerSpec`.
+    """
     ab = alphas_cumprod(noise.device)
     x = noise.float()
-    uncond = uncond.expand_as(context)
-    times = ddim_timesteps(steps)
+    guided = not guidance_embedded and uncond is not None
+    if guided:
+        uncond = uncond.expand_as(context)
+    times = ddim_timesteps(steps, spacing)
     x0 = x
     for i, t in enumerate(times):
-        tt = torch.full((2 * len(x),), float(t), device=x.device)
-        both = unet(torch.cat([x, x]), tt, torch.cat([uncond, context]), return_dict=False)[0]
-        eps_u, eps_c = both.float().chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)
+        if guided:
+            tt = torch.full((2 * len(x),), float(t), device=x.device)
+            both = unet(torch.cat([x, x]), tt, torch.cat([uncond, context]),
+                        return_dict=False)[0]
+            eps_u, eps_c = both.float().chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        else:
+            tt = torch.full((len(x),), float(t), device=x.device)
+            eps = unet(x, tt, context, return_dict=False)[0].float()
         a = ab[t]
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt().clamp(min=alpha_floor)
         if x0_range is not None:
             x0 = x0.clamp(-x0_range, x0_range)
-            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         if i == len(times) - 1:
             break
         a_next = ab[times[i + 1]]
@@ -107,12 +120,14 @@ def sample_latents(unet: nn.Module, context: torch.Tensor, uncond: torch.Tensor,
 @torch.no_grad()
 def generate(vae: nn.Module, unet: nn.Module, text: TextEncoder, captions: list[str], *,
              steps: int = 25, guidance: float = 3.0, seed: int = 0, batch: int = 250,
-             device: torch.device | str = "cpu",
+             device: torch.device | str = "cpu", spacing: str = "linspace",
+             guidance_embedded: bool = False, alpha_floor: float = 0.0,
              progress: Callable[[int, int], None] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (latents, 64x64 images in [-1, 1]) of captions; image i depends on i and seed.
 
-    progress(done, total) is called after each chunk of ``batch`` images.
+    spacing, guidance_embedded and alpha_floor are :func:`sample_latents`'; progress(done,
+    total) is called after each chunk of ``batch`` images.
     """
     device = torch.device(device)
     channels = unet.config.in_channels
@@ -125,7 +140,9 @@ def generate(vae: nn.Module, unet: nn.Module, text: TextEncoder, captions: list[
         chunk = captions[start:start + batch]
         context = text(tokenize(chunk).to(device)).float()
         z = sample_latents(unet, context, uncond, steps=steps, guidance=guidance,
-                           noise=noise[start:start + batch].to(device), x0_range=bound)
+                           noise=noise[start:start + batch].to(device), x0_range=bound,
+                           spacing=spacing, guidance_embedded=guidance_embedded,
+                           alpha_floor=alpha_floor)
         latents.append(z.cpu())
         images.append(vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1).cpu())
         if progress is not None:

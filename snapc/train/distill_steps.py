@@ -2,10 +2,10 @@
 
 1. Everything a user can get wrong is checked from names and records alone, before any weights
    load (:meth:`StepOptions.check` returns the resolved :class:`StepPlan`): the model must be
-   of the shapes family (the training data and the empty caption CFG needs come with it;
-   data-free step distillation is not supported yet), the steps and start steps must plan
-   whole halving rounds, and a model that already has guidance built in is its own teacher at
-   its stored steps and guidance.
+   of a trained family, ``shapes`` or ``shapes-latent`` (the training data and the empty
+   caption CFG needs come with it; data-free step distillation is not supported yet), the
+   steps and start steps must plan whole halving rounds, and a model that already has guidance
+   built in is its own teacher at its stored steps and guidance.
 2. Each round (:class:`snapc.train.steps.StepDistillation`) is one ``train(...)`` call with
    its own checkpoint folder ``<out>.checkpoints/round-K-AtoB/``. A finished round leaves
    its student's EMA weights and record beside them (``round-K-AtoB.safetensors`` and
@@ -14,7 +14,8 @@
    and the rounds, so resuming with another model or other steps is a one-line error.
 3. The last student is written as a pruned-UNet folder (snapc.pruned) with the same removed
    blocks as the model it came from (none for ``shapes``), whose record stores the sampler
-   ``SamplerSpec(steps=N, guidance=w, spacing="trailing", guidance_embedded=True)``, with
+   ``SamplerSpec(steps=N, guidance=w, spacing="trailing", guidance_embedded=True)`` (for
+   shapes-latent also ``alpha_floor``: the loss's floor, see :mod:`snapc.train.steps`), with
    ``training.json`` (every round's record) beside it; ``keep_rounds`` also writes each
    intermediate student as ``rounds/<steps>-steps/``. The checkpoints are deleted once the
    folder is in place.
@@ -65,9 +66,9 @@ def describe_source(model: str) -> SourceModel:
     """Return MODEL's base, removed blocks and stored sampler from its name or record.
 
     Raises SnapcError (one line) for a model step distillation cannot take: another family
-    than shapes, an unknown name, a corrupt record.
+    than shapes or shapes-latent, an unknown name, a corrupt record.
     """
-    from snapc.models import MODELS, is_shapes_family
+    from snapc.models import MODELS, is_trained_family
     from snapc.pruned import RECORD_FILE, is_pruned_folder, read_record
 
     shipped = Path(__file__).resolve().parent.parent / "weights" / model
@@ -78,7 +79,7 @@ def describe_source(model: str) -> SourceModel:
     elif path.is_dir() and is_pruned_folder(path):
         folder, base, model = path, None, str(path.resolve())  # one spelling per folder
     elif path.exists():
-        raise _not_supported(model, "a model without a shapes-family record")
+        raise _not_supported(model, "a model without a shapes or shapes-latent record")
     else:
         raise UnknownNameError("model", model, list(MODELS) + ["<pruned-UNet folder>"])
     if folder is None:
@@ -90,20 +91,22 @@ def describe_source(model: str) -> SourceModel:
             sampler = None if record.sampler is None else SamplerSpec.from_json(record.sampler)
         except (TypeError, ValueError) as exc:
             raise SnapcError(f"bad sampler record in {folder / RECORD_FILE}: {exc}") from exc
-    if not is_shapes_family(record_base):
+    if not is_trained_family(record_base):
         raise _not_supported(model, f"a '{record_base}' model")
     return SourceModel(model, record_base, tuple(removed), sampler)
 
 
 def _not_supported(model: str, what: str) -> SnapcError:
-    return SnapcError(f"step distillation trains on the shapes family's scenes and empty "
-                      f"caption; {model} is {what}, and data-free step distillation (from a "
-                      "teacher's own samples) is not supported yet")
+    return SnapcError(f"step distillation trains on the shapes families' scenes and empty "
+                      f"caption (shapes, shapes-latent); {model} is {what}, and data-free "
+                      "step distillation (from a teacher's own samples) is not supported yet")
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """The resolved run: the source, the guidance, the rounds and whether round 1 uses CFG."""
+    """The resolved run: the source, the guidance, the rounds, whether round 1 uses CFG,
+    and the alpha floor the students are sampled with (and the source's, as round 1's
+    teacher)."""
 
     source: SourceModel
     guidance: float
@@ -111,18 +114,34 @@ class StepPlan:
     steps: int
     rounds: tuple[Round, ...]
     teacher_cfg: bool
+    alpha_floor: float = 0.0
+    source_floor: float = 0.0
 
-    def sampler(self) -> SamplerSpec:
-        """Return the sampler the distilled student is stored with."""
-        return SamplerSpec(steps=self.steps, guidance=self.guidance, spacing="trailing",
-                           guidance_embedded=True)
+    @property
+    def latent(self) -> bool:
+        """Return whether the source is of the shapes-latent family."""
+        from snapc.models import is_latent_family
+
+        return is_latent_family(self.source.base)
+
+    def sampler(self, steps: int | None = None) -> SamplerSpec:
+        """Return the sampler a distilled student (of ``steps``, default the last) is stored
+        with."""
+        return SamplerSpec(steps=steps or self.steps, guidance=self.guidance,
+                           spacing="trailing", guidance_embedded=True,
+                           alpha_floor=self.alpha_floor)
+
+    def teacher_floor(self, round_index: int) -> float:
+        """Return the alpha floor round ``round_index``'s teacher samples with."""
+        return self.source_floor if round_index == 1 else self.alpha_floor
 
     def to_json(self) -> dict[str, Any]:
         """Return what ``plan.json`` holds (compared on resume)."""
         return {"model": self.source.model, "base": self.source.base,
                 "removed_blocks": list(self.source.removed), "guidance": self.guidance,
                 "start_steps": self.start_steps, "sampling_steps": self.steps,
-                "teacher_cfg": self.teacher_cfg, "rounds": [r.key for r in self.rounds]}
+                "teacher_cfg": self.teacher_cfg, "alpha_floor": self.alpha_floor,
+                "rounds": [r.key for r in self.rounds]}
 
 
 @dataclass(frozen=True)
@@ -187,8 +206,14 @@ class StepOptions:
             raise SnapcError(f"--start-steps: {exc}") from exc
         if not self.resume:
             check_output_dir(self.out, self.force)
+        from snapc.models import is_latent_family
+
+        # pixels: the sampler takes x0's sign at t = 999 (module notes of snapc.train.steps);
+        # latents are not at their clip bound, so the students are sampled with the floor
+        floor = self.loss.alpha_floor if is_latent_family(source.base) else 0.0
         plan = StepPlan(source, guidance, start, self.sampling_steps, tuple(rounds),
-                        teacher_cfg=not embedded and guidance != 1.0)
+                        teacher_cfg=not embedded and guidance != 1.0, alpha_floor=floor,
+                        source_floor=stored.alpha_floor if embedded else 0.0)
         _check_checkpoints(checkpoint_folder(self.out), plan, self.resume)
         return plan
 
@@ -266,7 +291,6 @@ def distill_steps(
     import copy
 
     from snapc.shapes.model import encode_captions
-    from snapc.train.data import ShapesScenes
 
     plan = options.check()
     train_options.check()
@@ -289,8 +313,7 @@ def distill_steps(
             raise CheckpointError(f"teacher/student mismatch: {folder} was started from other "
                                   f"weights of {options.model}; resume with those, or delete "
                                   "the folder to start again")
-        data = ShapesScenes(train_options.batch, train_options.seed, world.device,
-                            options.loss.caption_dropout)
+        data, bound = _training_data(plan, train_options, options.loss, world.device)
         uncond = encode_captions([""], data.text) if plan.teacher_cfg else None
         records = []
         for r in plan.rounds:
@@ -305,7 +328,8 @@ def distill_steps(
                                       guidance=plan.guidance,
                                       uncond=uncond if r.index == 1 else None,
                                       loss=options.loss, stream=r.index,
-                                      identity={**identity, "round": r.index})
+                                      identity={**identity, "round": r.index},
+                                      x0_bound=bound, teacher_floor=plan.teacher_floor(r.index))
             resume = options.resume and latest_checkpoint(folder / r.key) is not None
             result = train(method, train_options, folder / r.key, world=world, resume=resume,
                            progress=None if progress is None
@@ -338,6 +362,20 @@ def distill_steps(
         teardown_world(world)
 
 
+def _training_data(plan: StepPlan, train_options: TrainOptions, loss: StepLoss,
+                   device: torch.device) -> tuple[Any, float]:
+    """Return the family's training scenes and the sampler's x0 bound (1 for pixels, the
+    latent range for shapes-latent)."""
+    args = (train_options.batch, train_options.seed, device, loss.caption_dropout)
+    if plan.latent:
+        from snapc.shapes_latent.family import LatentScenes, x0_bound
+
+        return LatentScenes(*args), x0_bound()
+    from snapc.train.data import ShapesScenes
+
+    return ShapesScenes(*args), 1.0
+
+
 def _write_folder(options: StepOptions, plan: StepPlan, loaded: Any, student: nn.Module,
                   folder: Path, record: dict) -> None:
     import copy
@@ -348,8 +386,7 @@ def _write_folder(options: StepOptions, plan: StepPlan, loaded: Any, student: nn
     config = dict(loaded.module.config)
 
     def write(where: Path, module: nn.Module, steps: int, label: str) -> None:
-        sampler = SamplerSpec(steps=steps, guidance=plan.guidance, spacing="trailing",
-                              guidance_embedded=True)
+        sampler = plan.sampler(steps)
         pruned.save_pruned(
             where, module.cpu(), config,
             pruned.PrunedRecord(name=label, base=plan.source.base, removed=plan.source.removed,

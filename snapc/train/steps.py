@@ -67,9 +67,19 @@ only t = 999, and t = 968 of the 32-step grid by 4%)::
 At t = 999 this trains ``r ~ alpha_floor x0_target`` with an ordinary, well-conditioned
 regression, and the sampler then takes ``sign(x0_target)``, the best x0 in [-1, 1] whose
 pixels are +-1 (the shapes palette is the corners of the RGB cube, so it is often exact).
-Teachers are always run with the sampler's own step (no floor). Measured on the 2-core CPU
+Teachers are run with their own sampler's step (the original model: no floor). Measured on the 2-core CPU
 (a 2 -> 1 round from ``shapes``, 4 training steps at batch 4, 50 prompts): the 1-step
 student reaches adherence 0.39 with the floor and 0.00 (FD 14080) without it.
+
+Latent pipelines (``shapes-latent``) take the same method with two changes. The clip bound
+is the range of the VAE's latents (``x0_bound``, from
+:func:`snapc.shapes_latent.family.x0_bound`) instead of 1. And the sign argument above does
+not carry over: latents are not corners of a cube, so ``sign(r)`` times the bound is a poor
+latent. A latent student is therefore *sampled* with the floor its loss used
+(``SamplerSpec.alpha_floor``, stored with its sampler): its step at t = 999 returns
+``r / alpha_floor``, the regression's estimate of x0_target; and when it teaches the next
+round it is run the same way (``teacher_floor``). The original model teaches round 1 with
+no floor, as in pixel space.
 
 Batches are drawn whole from generators seeded by (seed, step) and sliced to the rank's
 rows, so resume and data parallelism see the same data as one uninterrupted process; the
@@ -174,28 +184,32 @@ def _coefs(abar: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return a.sqrt().view(shape), (1 - a).clamp(min=0).sqrt().view(shape)
 
 
-def _x0(z: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor,
-        sigma: torch.Tensor) -> torch.Tensor:
-    return ((z - sigma * eps) / alpha).clamp(-1, 1)
+def _x0(z: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+        bound: float) -> torch.Tensor:
+    return ((z - sigma * eps) / alpha).clamp(-bound, bound)
 
 
 def ddim_step(z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-              abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              abar: torch.Tensor, *, bound: float = 1.0,
+              alpha_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (z_s, x0) of one clipped DDIM step from per-row timesteps t to s (the sampler's
-    step; z_s is x0 where s is END)."""
+    step, x0 clipped to [-bound, bound] and divided by max(alpha_t, alpha_floor); z_s is x0
+    where s is END)."""
     alpha_t, sigma_t = _coefs(abar, t)
     alpha_s, sigma_s = _coefs(abar, s)
-    x0 = _x0(z, eps, alpha_t, sigma_t)
+    x0 = _x0(z, eps, alpha_t.clamp(min=alpha_floor), sigma_t, bound)
     return alpha_s * x0 + sigma_s * (z - alpha_t * x0) / sigma_t, x0
 
 
 def distillation_target(z_t: torch.Tensor, z_end: torch.Tensor, t: torch.Tensor,
-                        t_end: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """Return the x0 whose one DDIM step from (z_t, t) lands on z_end at t_end."""
+                        t_end: torch.Tensor, abar: torch.Tensor, *,
+                        bound: float = 1.0) -> torch.Tensor:
+    """Return the x0 (clipped to [-bound, bound]) whose one DDIM step from (z_t, t) lands on
+    z_end at t_end."""
     alpha, sigma = _coefs(abar, t)
     alpha_e, sigma_e = _coefs(abar, t_end)
     ratio = sigma_e / sigma
-    return ((z_end - ratio * z_t) / (alpha_e - ratio * alpha)).clamp(-1, 1)
+    return ((z_end - ratio * z_t) / (alpha_e - ratio * alpha)).clamp(-bound, bound)
 
 
 def _call(unet: nn.Module, z: torch.Tensor, t: torch.Tensor,
@@ -230,6 +244,9 @@ class StepDistillation:
     (``clean(gen, n)``); its batch size and seed are the run's, and ``stream`` (the round
     number) gives each round its own batches. ``identity`` (model, weights hash, round) goes
     into :meth:`describe`, so a checkpoint of another model or round refuses to resume.
+    ``x0_bound`` is the sampler's x0 clip (1: pixels; shapes-latent: its latent range);
+    ``teacher_floor`` the alpha floor the teacher is sampled with (0 for the original model;
+    a latent student's stored floor when it teaches the next round).
     """
 
     name = "step-distillation"
@@ -237,7 +254,8 @@ class StepDistillation:
 
     def __init__(self, teacher: nn.Module, data: NoisedBatches, *, student_steps: int,
                  guidance: float, uncond: torch.Tensor | None, loss: StepLoss = StepLoss(),
-                 stream: int = 0, identity: dict[str, Any] | None = None) -> None:
+                 stream: int = 0, identity: dict[str, Any] | None = None,
+                 x0_bound: float = 1.0, teacher_floor: float = 0.0) -> None:
         device = data.device
         self.teacher_module = teacher.to(device).eval().requires_grad_(False)
         self.student = copy.deepcopy(self.teacher_module).requires_grad_(True).train()
@@ -248,6 +266,7 @@ class StepDistillation:
         self.times = round_times(student_steps).to(device)
         self.abar = data.schedule.alphas_cumprod.to(device)
         self.stream, self.identity = stream, dict(identity or {})
+        self.x0_bound, self.teacher_floor = float(x0_bound), float(teacher_floor)
 
     def batch(self, step: int, world: World) -> Batch:
         """Return this rank's slice of global batch ``step``: z_t, the interval's three
@@ -269,9 +288,11 @@ class StepDistillation:
         """Return x0_target: the x0 of the one step that lands where the teacher's two do."""
         z, times, context = batch["z"], batch["times"], batch["context"]
         t, mid, end = times.unbind(1)
-        z_mid, _ = ddim_step(z, self.teacher(z, t, context), t, mid, self.abar)
-        z_end, _ = ddim_step(z_mid, self.teacher(z_mid, mid, context), mid, end, self.abar)
-        return distillation_target(z, z_end, t, end, self.abar)
+        step = {"bound": self.x0_bound, "alpha_floor": self.teacher_floor}
+        z_mid, _ = ddim_step(z, self.teacher(z, t, context), t, mid, self.abar, **step)
+        z_end, _ = ddim_step(z_mid, self.teacher(z_mid, mid, context), mid, end, self.abar,
+                             **step)
+        return distillation_target(z, z_end, t, end, self.abar, bound=self.x0_bound)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the weighted x0-space loss of the student's one step and its parts."""
@@ -279,7 +300,7 @@ class StepDistillation:
         z, t = batch["z"], batch["times"][:, 0]
         alpha, sigma = _coefs(self.abar, t)
         eps = _call(model, z, t, batch["context"])
-        x0 = _x0(z, eps, alpha.clamp(min=self.weights.alpha_floor), sigma)
+        x0 = _x0(z, eps, alpha.clamp(min=self.weights.alpha_floor), sigma, self.x0_bound)
         per_row = ((x0 - target) ** 2).mean(dim=(1, 2, 3))
         weight = torch.ones_like(per_row)
         if self.weights.weighting == "truncated-snr":
@@ -293,5 +314,6 @@ class StepDistillation:
         return {"method": self.name, "student_steps": self.student_steps,
                 "teacher_steps": 2 * self.student_steps, "guidance": self.guidance,
                 "teacher_cfg": self.teacher.uncond is not None, "spacing": "trailing",
-                "stream": self.stream,
+                "stream": self.stream, "x0_bound": self.x0_bound,
+                "teacher_floor": self.teacher_floor,
                 "loss": self.weights.to_json(), "data": self.data.describe(), **self.identity}
