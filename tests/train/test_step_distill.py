@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -25,7 +24,7 @@ from snapc.cli import app
 from snapc.compiler import CompileOptions, compile_model
 from snapc.evaluation import evaluate_model, load_denoiser
 from snapc.manifest import MANIFEST_NAME
-from snapc.pruned import PrunedRecord, SkipTransformer, load_pruned_unet, read_record, save_pruned
+from snapc.pruned import SkipTransformer, load_pruned_unet, read_record
 from snapc.shapes.model import encode_captions
 from snapc.shapes.sampler import SamplerSpec
 from snapc.shapes.schedule import alphas_cumprod
@@ -42,14 +41,9 @@ from snapc.train.steps import (
     plan_rounds,
     round_times,
 )
+from tests.train.mini_models import mini_config, mini_pruned_folder
 
-MINI_CONFIG = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [16, 32], "layers_per_block": 1, "cross_attention_dim": 128,
-    "attention_head_dim": 2, "norm_num_groups": 8,
-}
+MINI_CONFIG = mini_config(channels=3, size=32)
 REMOVED = ("mid_block.attentions.0",)
 # 4 -> 2 -> 1 steps, 4 training steps a round at batch 4, a checkpoint every 2 steps.
 RUN = ["--sampling-steps", "1", "--start-steps", "4", "--steps-per-round", "4", "--batch", "4",
@@ -64,16 +58,8 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> Path:
     """A pruned shapes-family folder holding a miniature random UNet (one block removed)."""
-    from snapc.pruned import skip_blocks
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**MINI_CONFIG)
-    folder = tmp_path_factory.mktemp("mini") / "shapes-mini"
-    folder.mkdir()
-    save_pruned(folder, skip_blocks(unet, REMOVED), unet.config,
-                PrunedRecord(name="shapes-mini", base="shapes", removed=REMOVED,
-                             random_weights=True), dtype=torch.float32)
-    return folder
+    return mini_pruned_folder(tmp_path_factory.mktemp("mini"), "shapes-mini", base="shapes",
+                              config=MINI_CONFIG, removed=REMOVED)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from typer.testing import CliRunner
 
 from snapc.cli import app
 from snapc.evaluation_latent import evaluate_latent, load_latent_pipeline
-from snapc.pruned import PrunedRecord, load_pruned_unet, read_record, save_pruned
+from snapc.pruned import load_pruned_unet, read_record
 from snapc.shapes.model import encode_captions
 from snapc.shapes.sampler import SamplerSpec
 from snapc.shapes.schedule import alphas_cumprod
@@ -28,14 +27,9 @@ from snapc.shapes_latent.pipeline import sample_latents
 from snapc.train import StepDistillation, TrainOptions, train
 from snapc.train.distributed import World
 from snapc.train.steps import END, ddim_step
+from tests.train.mini_models import mini_config, mini_pruned_folder
 
-MINI_CONFIG = {
-    "sample_size": 16, "in_channels": 4, "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [16, 32], "layers_per_block": 1, "cross_attention_dim": 128,
-    "attention_head_dim": 2, "norm_num_groups": 8,
-}
+MINI_CONFIG = mini_config(channels=4, size=16)
 CPU = World(0, 1, torch.device("cpu"))
 FLOOR = 0.05  # StepLoss's default alpha floor: the latent students' sampler floor
 
@@ -43,14 +37,8 @@ FLOOR = 0.05  # StepLoss's default alpha floor: the latent students' sampler flo
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> Path:
     """A pruned shapes-latent folder holding a miniature random latent UNet."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**MINI_CONFIG)
-    folder = tmp_path_factory.mktemp("mini") / "shapes-latent-mini"
-    folder.mkdir()
-    save_pruned(folder, unet, unet.config,
-                PrunedRecord(name="shapes-latent-mini", base="shapes-latent", removed=(),
-                             random_weights=True), dtype=torch.float32)
-    return folder
+    return mini_pruned_folder(tmp_path_factory.mktemp("mini"), "shapes-latent-mini",
+                              base="shapes-latent", config=MINI_CONFIG)
 
 
 class _EpsTable:
