@@ -210,6 +210,29 @@ def _goals(rows: list[dict], family: str) -> str:
     return "\n".join(lines)
 
 
+def _reading(rows: list[dict]) -> str:
+    """One sentence per student row: its adherence / FD against the CFG teacher at the same
+    steps (trailing, twice the calls) and at the most steps measured."""
+    def find(model: str, steps: int) -> dict | None:
+        return next((r for r in rows if r["model"] == model and r["steps"] == steps
+                     and r["spacing"] == "trailing"), None)
+
+    teacher_steps = [r["steps"] for r in rows if r["model"] == "teacher"]
+    full = find("teacher", max(teacher_steps)) if teacher_steps else None
+    lines = []
+    for r in sorted((r for r in rows if r["model"] == "student"), key=lambda r: r["steps"]):
+        same = find("teacher", r["steps"])
+        if same is None or full is None:
+            continue
+        lines.append(f"- {r['steps']} steps: the student ({r['unet_calls_per_image']} UNet "
+                     f"calls) scores {r['adherence']:.3f} / FD {r['fd']:.1f}; the CFG teacher "
+                     f"at the same {r['steps']} trailing steps ({same['unet_calls_per_image']} "
+                     f"calls) {same['adherence']:.3f} / FD {same['fd']:.1f}, at "
+                     f"{full['steps']} steps ({full['unet_calls_per_image']} calls) "
+                     f"{full['adherence']:.3f} / FD {full['fd']:.1f}.")
+    return ("\n\n" + "\n".join(lines)) if lines else ""
+
+
 def _cpu_check(family: str) -> str:
     """The `snapc evaluate` run of the family's student on the CPU, when its JSON is in
     bench/out."""
@@ -227,6 +250,16 @@ def _cpu_check(family: str) -> str:
             f"**{r['adherence']:.3f}**, exact {r['exact']:.3f}, FD {r['fd']:.1f} (FD of "
             f"{r['prompts']} samples is biased upward), {r['seconds']:.0f} s "
             f"(`bench/out/{path.name}`). The 25-step CFG teacher scores {teacher}.\n")
+
+
+def _samples(out: Path) -> str:
+    """A line naming the sample grid beside the rows file, when bench/shapes_latent_samples.py
+    drew one there."""
+    png = out.with_name(out.stem + "_samples.png")
+    if not png.is_file():
+        return ""
+    return (f"\nSample grid (prompt's scene, teacher, student; `bench/shapes_latent_samples.py "
+            f"--student DIR`): `{png.relative_to(REPO)}`.\n")
 
 
 def plot(args) -> None:
@@ -256,17 +289,23 @@ def plot(args) -> None:
           title="adherence (higher is better)")
     b.set(xscale="log", yscale="log", xlabel="UNet calls per image", ylabel="FD",
           title="Fréchet distance (lower is better)")
+    from matplotlib.ticker import NullFormatter
+
+    ticks = sorted({r["unet_calls_per_image"] for r in rows})
+    for ax in (a, b):  # the measured call counts as plain numbers (no log-scale minor labels)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(args.family)
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     b.grid(alpha=0.3)
     png = save_figure(fig, args.out.with_suffix(".png"))
-    table = _table(rows) + _goals(rows, args.family)
+    table = _table(rows) + _goals(rows, args.family) + _reading(rows)
     prompts = sorted({r["prompts"] for r in rows})
     body = (f"Measured on {data['machine']} by `bench/step_distill.py --family {args.family}`, "
             f"{'/'.join(map(str, prompts))} validation prompts, CFG {GUIDANCE:g} (built into "
             f"the students). Plot: `{png.relative_to(REPO) if png.is_relative_to(REPO) else png}`"
-            f".\n\n{table}\n") + _cpu_check(args.family)
+            f".\n\n{table}\n") + _cpu_check(args.family) + _samples(args.out)
     md = args.out.with_suffix(".md")
     with atomic_output_file(md) as tmp:
         tmp.write_text(body)
