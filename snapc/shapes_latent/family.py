@@ -52,7 +52,9 @@ def load_parts(weights_dir: Path = WEIGHTS_DIR) -> tuple[nn.Module, nn.Module, n
 @lru_cache(maxsize=1)
 def _frozen_vae_and_text() -> tuple[nn.Module, nn.Module]:
     # read once per process: data, calibration and metrics only read them (no gradients)
-    vae, _, text = load_parts()
+    from snapc.shapes_latent.pipeline import load_autoencoder_and_text
+
+    vae, text = load_autoencoder_and_text()
     return vae.requires_grad_(False), text.requires_grad_(False)
 
 

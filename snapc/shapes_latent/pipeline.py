@@ -26,12 +26,40 @@ from snapc.shapes.schedule import alphas_cumprod
 from snapc.shapes.text import TextEncoder, tokenize
 from snapc.shapes_latent.config import LATENT_SIZE, WEIGHTS_DIR, scenes, to_shapes_resolution
 
-__all__ = ["load_pipeline", "latent_range", "sample_latents", "generate", "scene_accuracy",
-           "reconstruction_accuracy"]
+__all__ = ["load_autoencoder_and_text", "load_pipeline", "latent_range", "sample_latents",
+           "generate", "scene_accuracy", "reconstruction_accuracy"]
 
 RANGE_SCENES = 256  # seeded training scenes the latent range is read from
 RANGE_QUANTILE = 0.999  # of |latent|: on the first trained pipeline, 6.0 (max 7.6), 48 prompts
 # sampled to adherence 0.85 clipped there, 0.80 at 8, 0.53 at 12, 0.14 unclipped
+
+
+def _check_weights(weights_dir: Path, parts: tuple[str, ...]) -> None:
+    for part in parts:
+        if not (weights_dir / part).is_file():
+            raise WeightsError(f"{weights_dir / part} missing; train shapes-latent with "
+                               "`python bench/train_shapes_latent.py all --minutes M`")
+
+
+# low_cpu_mem_usage=False: accelerate is no dependency, and without it diffusers prints an
+# install hint on every load (the loading itself is the same)
+_QUIET = {"low_cpu_mem_usage": False}
+
+
+def load_autoencoder_and_text(weights_dir: Path = WEIGHTS_DIR) -> tuple[nn.Module, TextEncoder]:
+    """Return (vae, text_encoder) of shapes-latent without its UNet, eval mode, fp32.
+
+    Raises WeightsError naming the training command when a file is missing.
+    """
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    _check_weights(weights_dir, ("vae/config.json", "text_encoder.safetensors"))
+    vae = AutoencoderKL.from_pretrained(weights_dir / "vae", **_QUIET).float().eval()
+    text = TextEncoder()
+    text.load_state_dict({k: v.float() for k, v in
+                          load_file(str(weights_dir / "text_encoder.safetensors")).items()})
+    return vae, text.eval()
 
 
 def load_pipeline(weights_dir: Path = WEIGHTS_DIR) -> tuple[nn.Module, nn.Module, TextEncoder]:
@@ -39,22 +67,13 @@ def load_pipeline(weights_dir: Path = WEIGHTS_DIR) -> tuple[nn.Module, nn.Module
 
     Raises WeightsError naming the training command when a phase's files are missing.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import load_file
+    from diffusers import UNet2DConditionModel
 
-    for part in ("vae/config.json", "unet/config.json", "text_encoder.safetensors"):
-        if not (weights_dir / part).is_file():
-            raise WeightsError(f"{weights_dir / part} missing; train shapes-latent with "
-                               "`python bench/train_shapes_latent.py all --minutes M`")
-    # low_cpu_mem_usage=False: accelerate is no dependency, and without it diffusers prints an
-    # install hint on every load (the loading itself is the same)
-    quiet = {"low_cpu_mem_usage": False}
-    vae = AutoencoderKL.from_pretrained(weights_dir / "vae", **quiet).float().eval()
-    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", **quiet).float().eval()
-    text = TextEncoder()
-    text.load_state_dict({k: v.float() for k, v in
-                          load_file(str(weights_dir / "text_encoder.safetensors")).items()})
-    return vae, unet, text.eval()
+    _check_weights(weights_dir, ("vae/config.json", "unet/config.json",
+                                 "text_encoder.safetensors"))
+    vae, text = load_autoencoder_and_text(weights_dir)
+    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", **_QUIET).float().eval()
+    return vae, unet, text
 
 
 @torch.no_grad()

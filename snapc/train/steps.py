@@ -67,9 +67,9 @@ only t = 999, and t = 968 of the 32-step grid by 4%)::
 At t = 999 this trains ``r ~ alpha_floor x0_target`` with an ordinary, well-conditioned
 regression, and the sampler then takes ``sign(x0_target)``, the best x0 in [-1, 1] whose
 pixels are +-1 (the shapes palette is the corners of the RGB cube, so it is often exact).
-Teachers are run with their own sampler's step (the original model: no floor). Measured on the 2-core CPU
-(a 2 -> 1 round from ``shapes``, 4 training steps at batch 4, 50 prompts): the 1-step
-student reaches adherence 0.39 with the floor and 0.00 (FD 14080) without it.
+Teachers are run with their own sampler's step (the original model: no floor). Measured on
+the 2-core CPU (a 2 -> 1 round from ``shapes``, 4 training steps at batch 4, 50 prompts): the
+1-step student reaches adherence 0.39 with the floor and 0.00 (FD 14080) without it.
 
 Latent pipelines (``shapes-latent``) take the same method with two changes. The clip bound
 is the range of the VAE's latents (``x0_bound``, from
