@@ -58,6 +58,9 @@ OUT = {"shapes": REPO / "bench" / "out" / "step_distill.json",
 JOBS = ("teacher", "student-4", "student-1", "shapes-fast")
 LATENT_JOBS = ("teacher", "student-4")
 TEACHER_STEPS = {"shapes": (1, 2, 4, 8), "shapes-latent": (1, 2, 4, 8, 25)}
+# alpha floors the teacher is also sampled with at trailing spacing: for shapes-latent the
+# students' floor, so the table shows what the floor alone gives the undistilled teacher
+TEACHER_FLOORS = {"shapes": (0.0,), "shapes-latent": (0.0, 0.05)}
 GUIDANCE = 3.0
 SECTION = {"shapes": "Step distillation: fewer steps, guidance built in",
            "shapes-latent": "Step distillation on shapes-latent"}
@@ -77,7 +80,7 @@ def _write(path: Path, rows: list[dict], machine: str) -> None:
 
 
 def _key(row: dict) -> tuple:
-    return row["model"], row["steps"], row["spacing"]
+    return row["model"], row["steps"], row["spacing"], row.get("alpha_floor", 0.0)
 
 
 def _evaluate(model: str, args, **sampler) -> dict:
@@ -86,8 +89,8 @@ def _evaluate(model: str, args, **sampler) -> dict:
 
     evaluate = evaluate_latent if args.family == "shapes-latent" else evaluate_model
     result = evaluate(model, prompts=args.prompts, device=args.device, **sampler)
-    return {k: result[k] for k in ("steps", "guidance", "spacing", "adherence", "fd",
-                                   "unet_calls_per_image", "exact", "colour")}
+    return {k: result[k] for k in ("steps", "guidance", "spacing", "alpha_floor", "adherence",
+                                   "fd", "unet_calls_per_image", "exact", "colour")}
 
 
 def _distil(model: str, folder: Path, steps: int, args, *, own_teacher: bool) -> dict:
@@ -139,16 +142,19 @@ def run(args) -> None:
     for job in args.jobs:
         print(f"== {job}", flush=True)
         if job == "teacher":
-            for spacing in ("linspace", "trailing"):
+            runs = [("linspace", 0.0)] + [("trailing", f) for f in TEACHER_FLOORS[args.family]]
+            for spacing, floor in runs:
                 for steps in TEACHER_STEPS[args.family]:
-                    if ("teacher", steps, spacing) in done:
+                    if ("teacher", steps, spacing, floor) in done:
                         continue
                     add({"model": "teacher", **_evaluate(args.family, args, steps=steps,
-                                                         guidance=GUIDANCE, spacing=spacing)})
+                                                         guidance=GUIDANCE, spacing=spacing,
+                                                         alpha_floor=floor)})
             continue
         model, out, steps, evaluated = _student_folders(job, work, args.family)
         label = "shapes-fast" if job == "shapes-fast" else "student"
-        if all((label, s, "trailing") in done for s in evaluated):
+        trained = {k[:3] for k in done}  # a student's floor is its stored sampler's
+        if all((label, s, "trailing") in trained for s in evaluated):
             print(f"  rows of {job} are in {args.out.name}", flush=True)
         else:
             if job == "student-1" and not (work / "student-4" / "training.json").is_file():
@@ -162,7 +168,7 @@ def run(args) -> None:
                 upstream = json.loads((work / "student-4" / "training.json").read_text())[
                     "train_seconds"]
             for s, folder in evaluated.items():
-                if (label, s, "trailing") in done:
+                if (label, s, "trailing") in trained:
                     continue
                 add({"model": label, **_evaluate(str(folder), args),
                      "train_minutes": round((upstream + sum(
@@ -176,14 +182,28 @@ def run(args) -> None:
             print(f"  saved {out} -> {args.save}", flush=True)
 
 
+def _floor(row: dict) -> float:
+    return row.get("alpha_floor", 0.0)
+
+
+def _find(rows: list[dict], model: str, steps: int, floor: float | None = 0.0) -> dict | None:
+    """The trailing row of ``model`` at ``steps`` (teachers: at alpha ``floor``; None: any)."""
+    return next((r for r in rows if r["model"] == model and r["steps"] == steps
+                 and r["spacing"] == "trailing" and (floor is None or _floor(r) == floor)),
+                None)
+
+
 def _table(rows: list[dict]) -> str:
     head = ("| model | steps | spacing | UNet calls / image | adherence | exact | FD | training |\n"
             "| --- | --- | --- | --- | --- | --- | --- | --- |")
     order = {"teacher": 0, "student": 1, "shapes-fast": 2}
     lines = [head]
-    for r in sorted(rows, key=lambda r: (order.get(r["model"], 9), r["spacing"], r["steps"])):
+    for r in sorted(rows, key=lambda r: (order.get(r["model"], 9), r["spacing"], _floor(r),
+                                         r["steps"])):
         trained = f"{r['train_minutes']:.1f} min" if "train_minutes" in r else "-"
-        lines.append(f"| {r['model']} | {r['steps']} | {r['spacing']} | "
+        spacing = r["spacing"] + (f", alpha floor {_floor(r):g}"
+                                  if r["model"] == "teacher" and _floor(r) else "")
+        lines.append(f"| {r['model']} | {r['steps']} | {spacing} | "
                      f"{r['unet_calls_per_image']} | {r['adherence']:.3f} | "
                      f"{r.get('exact', float('nan')):.3f} | {r['fd']:.1f} | {trained} |")
     return "\n".join(lines)
@@ -191,16 +211,12 @@ def _table(rows: list[dict]) -> str:
 
 def _goals(rows: list[dict], family: str) -> str:
     """The family's goals (GOALS), each with the row that answers it (or 'not measured')."""
-    def find(model: str, steps: int) -> dict | None:
-        return next((r for r in rows if r["model"] == model and r["steps"] == steps
-                     and r["spacing"] == "trailing"), None)
-
     goals = GOALS[family]
     lines = ["", "", "| goal | measured | met |", "| --- | --- | --- |"]
     for model, steps, adherence, fd in goals:
         want = f"{model} at {steps} steps: adherence >= {adherence}" + (
             f", FD <= {fd:g}" if fd is not None else "")
-        r = find(model, steps)
+        r = _find(rows, model, steps, floor=None)
         if r is None:
             lines.append(f"| {want} | not measured | - |")
             continue
@@ -210,26 +226,33 @@ def _goals(rows: list[dict], family: str) -> str:
     return "\n".join(lines)
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _reading(rows: list[dict]) -> str:
     """One sentence per student row: its adherence / FD against the CFG teacher at the same
     steps (trailing, twice the calls) and at the most steps measured."""
-    def find(model: str, steps: int) -> dict | None:
-        return next((r for r in rows if r["model"] == model and r["steps"] == steps
-                     and r["spacing"] == "trailing"), None)
-
     teacher_steps = [r["steps"] for r in rows if r["model"] == "teacher"]
-    full = find("teacher", max(teacher_steps)) if teacher_steps else None
+    full = _find(rows, "teacher", max(teacher_steps)) if teacher_steps else None
     lines = []
     for r in sorted((r for r in rows if r["model"] == "student"), key=lambda r: r["steps"]):
-        same = find("teacher", r["steps"])
+        same = _find(rows, "teacher", r["steps"])
         if same is None or full is None:
             continue
-        lines.append(f"- {r['steps']} steps: the student ({r['unet_calls_per_image']} UNet "
-                     f"calls) scores {r['adherence']:.3f} / FD {r['fd']:.1f}; the CFG teacher "
-                     f"at the same {r['steps']} trailing steps ({same['unet_calls_per_image']} "
-                     f"calls) {same['adherence']:.3f} / FD {same['fd']:.1f}, at "
-                     f"{full['steps']} steps ({full['unet_calls_per_image']} calls) "
-                     f"{full['adherence']:.3f} / FD {full['fd']:.1f}.")
+        floored = [t for t in rows if t["model"] == "teacher" and t["steps"] == r["steps"]
+                   and t["spacing"] == "trailing" and _floor(t) > 0]
+        with_floor = "".join(f" (with alpha floor {_floor(t):g}: {t['adherence']:.3f} / FD "
+                             f"{t['fd']:.1f})" for t in floored)
+        at_full = ("" if full["steps"] == r["steps"] else
+                   f", at {_n(full['steps'], 'step')} ({_n(full['unet_calls_per_image'], 'call')})"
+                   f" {full['adherence']:.3f} / FD {full['fd']:.1f}")
+        lines.append(f"- {_n(r['steps'], 'step')}: the student "
+                     f"({_n(r['unet_calls_per_image'], 'UNet call')}) scores "
+                     f"{r['adherence']:.3f} / FD {r['fd']:.1f}; the CFG teacher at the same "
+                     f"{_n(r['steps'], 'trailing step')} "
+                     f"({_n(same['unet_calls_per_image'], 'call')}) {same['adherence']:.3f} / FD "
+                     f"{same['fd']:.1f}{with_floor}{at_full}.")
     return ("\n\n" + "\n".join(lines)) if lines else ""
 
 
@@ -273,13 +296,15 @@ def plot(args) -> None:
     data = json.loads(args.out.read_text())
     rows = data["rows"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    series = {("teacher", "linspace"): ("DDIM + CFG, linspace", "o--"),
-              ("teacher", "trailing"): ("DDIM + CFG, trailing", "s--"),
-              ("student", "trailing"): ("student (guidance built in)", "^-"),
-              ("shapes-fast", "trailing"): ("shapes-fast (pruned + distilled)", "*")}
-    for (model, spacing), (label, style) in series.items():
+    series = {("teacher", "linspace", 0.0): ("DDIM + CFG, linspace", "o--"),
+              ("teacher", "trailing", 0.0): ("DDIM + CFG, trailing", "s--"),
+              ("teacher", "trailing", 0.05): ("DDIM + CFG, trailing, alpha floor 0.05", "D:"),
+              ("student", "trailing", None): ("student (guidance built in)", "^-"),
+              ("shapes-fast", "trailing", None): ("shapes-fast (pruned + distilled)", "*")}
+    for (model, spacing, floor), (label, style) in series.items():
         pts = sorted((r["unet_calls_per_image"], r["adherence"], r["fd"]) for r in rows
-                     if r["model"] == model and r["spacing"] == spacing)
+                     if r["model"] == model and r["spacing"] == spacing
+                     and (floor is None or _floor(r) == floor))
         if not pts:
             continue
         calls, adherence, fd = zip(*pts, strict=True)

@@ -35,6 +35,9 @@ def evaluate_command(
     spacing: Annotated[str | None, typer.Option(
         help="timestep spacing, linspace or trailing (default: the model's, else linspace)")]
     = None,
+    alpha_floor: Annotated[float | None, typer.Option(
+        help="divide each step's x0 estimate by max(sqrt(alpha_bar), F) (default: the "
+             "model's, else 0; step-distilled shapes-latent students store 0.05)")] = None,
     eval_device: Annotated[str, typer.Option(
         help="cpu or cuda for torch models (ONNX artifacts run on onnxruntime CPU)")] = "cpu",
     batch: Annotated[int | None, typer.Option(
@@ -58,10 +61,11 @@ def evaluate_command(
 
     try:
         check_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch,
-                      device=eval_device)
+                      device=eval_device, alpha_floor=alpha_floor)
         latent = is_latent_model(model)
         if latent:
-            check_latent_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch)
+            check_latent_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch,
+                                 alpha_floor=alpha_floor)
         if decoder is not None and not latent:
             raise SnapcError(f"--decoder replaces the decoder of a latent pipeline; '{model}' "
                              "samples in pixel space: drop --decoder or evaluate shapes-latent")
@@ -78,7 +82,7 @@ def evaluate_command(
             evaluate = evaluate_latent if latent else evaluate_model
             result = evaluate(
                 loaded, prompts=prompts, steps=steps, guidance=guidance, spacing=spacing,
-                batch=batch, seed=seed,
+                alpha_floor=alpha_floor, batch=batch, seed=seed,
                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     except SnapcError as exc:
         fail(exc)
@@ -90,6 +94,7 @@ def evaluate_command(
               else f"CFG {result['guidance']:g}")
     out.print(f"snapc evaluate {model}: base {result['base']}, {result['prompts']} prompts, "
               f"{result['steps']} {result['spacing']} DDIM steps, {guided}, {result['device']}"
+              + (f", alpha floor {result['alpha_floor']:g}" if result["alpha_floor"] else "")
               + (f", decoder {result['decoder']}" if "decoder" in result else ""))
     view = Table()
     view.add_column("metric")

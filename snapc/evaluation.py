@@ -197,9 +197,11 @@ def load_denoiser(model: str, device: str = "cpu") -> LoadedDenoiser:
 
 
 def check_request(*, prompts: int, steps: int | None = None, spacing: str | None = None,
-                  batch: int | None = None, device: str | None = None) -> None:
+                  batch: int | None = None, device: str | None = None,
+                  alpha_floor: float | None = None) -> None:
     """Raise SnapcError for a request no model can satisfy (prompts < 2, steps or batch < 1,
-    an unknown spacing, a device not here); callers run it before loading anything."""
+    an unknown spacing, an alpha floor outside [0, 1), a device not here); callers run it
+    before loading anything."""
     if device is not None:
         check_device(device)
     if prompts < 2:
@@ -207,29 +209,34 @@ def check_request(*, prompts: int, steps: int | None = None, spacing: str | None
                          f"the images), not {prompts}")
     if batch is not None and batch < 1:
         raise SnapcError(f"--batch must be >= 1, not {batch}")
-    _check_sampler_flags(steps, spacing)
+    _check_sampler_flags(steps, spacing, alpha_floor)
 
 
-def _check_sampler_flags(steps: int | None, spacing: str | None) -> None:
+def _check_sampler_flags(steps: int | None, spacing: str | None,
+                         alpha_floor: float | None = None) -> None:
     if steps is not None and steps < 1:
         raise SnapcError(f"--steps must be >= 1, not {steps}")
     if spacing is not None and spacing not in SPACINGS:
         raise SnapcError(f"unknown spacing '{spacing}'; valid: {', '.join(SPACINGS)}")
+    if alpha_floor is not None and not 0.0 <= alpha_floor < 1.0:
+        raise SnapcError(f"--alpha-floor must be in [0, 1) (0: none), not {alpha_floor:g}")
 
 
 def resolve_sampler(stored: SamplerSpec, *, steps: int | None = None,
-                    guidance: float | None = None, spacing: str | None = None) -> SamplerSpec:
+                    guidance: float | None = None, spacing: str | None = None,
+                    alpha_floor: float | None = None) -> SamplerSpec:
     """Return ``stored`` with the given fields overridden.
 
     A model with guidance built in cannot be sampled at another guidance scale: asking for
     one raises SnapcError.
     """
-    _check_sampler_flags(steps, spacing)
+    _check_sampler_flags(steps, spacing, alpha_floor)
     if guidance is not None and stored.guidance_embedded and guidance != stored.guidance:
         raise SnapcError(f"the model has guidance {stored.guidance:g} built in (one conditional "
                          f"UNet call per step); drop --guidance {guidance:g}")
     changes = {k: v for k, v in (("steps", steps), ("guidance", guidance),
-                                 ("spacing", spacing)) if v is not None}
+                                 ("spacing", spacing), ("alpha_floor", alpha_floor))
+               if v is not None}
     return replace(stored, **changes)
 
 
@@ -240,6 +247,7 @@ def evaluate_model(
     steps: int | None = None,
     guidance: float | None = None,
     spacing: str | None = None,
+    alpha_floor: float | None = None,
     device: str = "cpu",
     batch: int | None = None,
     seed: int = 0,
@@ -248,7 +256,8 @@ def evaluate_model(
     """Return the prompt adherence and FD of MODEL on ``validation_codes(prompts)``.
 
     ``model`` is what :func:`load_denoiser` takes (loaded on ``device``), or its result.
-    steps / guidance / spacing override the model's stored sampler (None keeps it).
+    steps / guidance / spacing / alpha_floor override the model's stored sampler (None keeps
+    it).
     ``batch``: prompts per sampling chunk (default 250; an ONNX artifact runs at its own batch
     and refuses another). ``seed`` seeds the start noise. progress(done, total) follows the
     images. The result has the keys model, base, prompts, steps, guidance, spacing,
@@ -259,12 +268,14 @@ def evaluate_model(
     from snapc.quality import evaluate, load_feature_classifier, validation_codes
     from snapc.shapes.model import load_text_encoder
 
-    check_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch, device=device)
+    check_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch, device=device,
+                  alpha_floor=alpha_floor)
     if isinstance(model, LoadedDenoiser):
         loaded, label = model, model.name
     else:
         loaded, label = load_denoiser(model, device), model
-    spec = resolve_sampler(loaded.sampler, steps=steps, guidance=guidance, spacing=spacing)
+    spec = resolve_sampler(loaded.sampler, steps=steps, guidance=guidance, spacing=spacing,
+                           alpha_floor=alpha_floor)
     if loaded.batch is not None and batch not in (None, loaded.batch):
         raise SnapcError(f"the ONNX artifact of '{loaded.name}' runs at batch {loaded.batch} "
                          f"(fixed by its inputs); drop --batch {batch}")

@@ -221,12 +221,14 @@ def latent_images(pipeline: LatentPipeline, codes: torch.Tensor, *,
 
 
 def check_latent_request(*, prompts: int, steps: int | None = None,
-                         spacing: str | None = None, batch: int | None = None) -> None:
+                         spacing: str | None = None, batch: int | None = None,
+                         alpha_floor: float | None = None) -> None:
     """Raise SnapcError for a request shapes-latent cannot take (those of
     :func:`snapc.evaluation.check_request`)."""
     from snapc.evaluation import check_request
 
-    check_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch)
+    check_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch,
+                  alpha_floor=alpha_floor)
 
 
 def evaluate_latent(
@@ -237,6 +239,7 @@ def evaluate_latent(
     steps: int | None = None,
     guidance: float | None = None,
     spacing: str | None = None,
+    alpha_floor: float | None = None,
     device: str = "cpu",
     batch: int | None = None,
     seed: int = 0,
@@ -246,11 +249,11 @@ def evaluate_latent(
 
     ``model`` is what :func:`load_latent_pipeline` takes (with ``decoder`` and ``device``), or
     its result. Sampler: the model's stored one (a plain pipeline: 25 linspace DDIM steps with
-    CFG 3, the recipe's check), steps / guidance / spacing overriding. The result has the
-    keys model, base, decoder, decoder_params, prompts, the sampler's fields (steps, guidance,
-    spacing, guidance_embedded, alpha_floor), unet_calls_per_image, adherence, exact, count,
-    colour, shape, size, position, fd, seconds and device. Raises SnapcError for a bad
-    request (checked before loading) or a pipeline that cannot be loaded.
+    CFG 3, the recipe's check), steps / guidance / spacing / alpha_floor overriding. The
+    result has the keys model, base, decoder, decoder_params, prompts, the sampler's fields
+    (steps, guidance, spacing, guidance_embedded, alpha_floor), unet_calls_per_image,
+    adherence, exact, count, colour, shape, size, position, fd, seconds and device. Raises
+    SnapcError for a bad request (checked before loading) or a pipeline that cannot be loaded.
     """
     from snapc.decoder.measure import decoder_params
     from snapc.evaluation import resolve_sampler
@@ -264,10 +267,12 @@ def evaluate_latent(
     from snapc.shapes.data import render
     from snapc.shapes_latent.config import to_shapes_resolution
 
-    check_latent_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch)
+    check_latent_request(prompts=prompts, steps=steps, spacing=spacing, batch=batch,
+                         alpha_floor=alpha_floor)
     pipeline = model if isinstance(model, LatentPipeline) else load_latent_pipeline(
         model, decoder=decoder, device=device)
-    spec = resolve_sampler(pipeline.sampler, steps=steps, guidance=guidance, spacing=spacing)
+    spec = resolve_sampler(pipeline.sampler, steps=steps, guidance=guidance, spacing=spacing,
+                           alpha_floor=alpha_floor)
     classifier = load_feature_classifier().to(pipeline.device)
     codes = validation_codes(prompts)
     start = time.perf_counter()

@@ -116,6 +116,18 @@ def test_artifact_sampler_comes_from_the_manifest(artifact, tmp_path):
     assert "bad sampler record" in one_error_line(invoke(str(copy)))
 
 
+def test_alpha_floor_flag_overrides_the_stored_floor(pruned):
+    folder, _ = pruned
+    plain = json.loads(invoke(str(folder), "--prompts", "4", "--steps", "2", "--json").stdout)
+    result = invoke(str(folder), "--prompts", "4", "--steps", "2", "--alpha-floor", "0.5",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    floored = json.loads(result.stdout)
+    assert (plain["alpha_floor"], floored["alpha_floor"]) == (0.0, 0.5)
+    assert floored["fd"] != plain["fd"]  # the floor changes the first step's x0
+    assert resolve_sampler(SamplerSpec(alpha_floor=0.05), alpha_floor=0.0) == SamplerSpec()
+
+
 def test_guidance_flag_on_a_guidance_embedded_model():
     stored = SamplerSpec(steps=4, guidance=3.0, guidance_embedded=True)
     assert resolve_sampler(stored, guidance=3.0, steps=2) == SamplerSpec(
@@ -134,6 +146,8 @@ def _never_load(*args, **kwargs):
     (["shapes", "--steps", "0"], "--steps must be >= 1"),
     (["shapes", "--batch", "0"], "--batch must be >= 1"),
     (["shapes", "--spacing", "leading"], "unknown spacing 'leading'"),
+    (["shapes", "--alpha-floor", "1"], "--alpha-floor must be in [0, 1)"),
+    (["shapes", "--alpha-floor", "-0.1"], "--alpha-floor must be in [0, 1)"),
     (["shapes", "--eval-device", "tpu"], "unknown evaluation device 'tpu'"),
 ])
 def test_bad_flags_are_errors_before_loading(monkeypatch, args, message):

@@ -114,6 +114,7 @@ def test_bad_input_is_one_line(folders: dict[str, Path], tmp_path: Path,
     assert "not found" in one_error_line(_evaluate(pipe, "--decoder", str(tmp_path / "no")))
     assert "drop --decoder" in one_error_line(_evaluate("shapes", "--decoder", pipe))
     assert "unknown spacing" in one_error_line(_evaluate(pipe, "--spacing", "leading"))
+    assert "--alpha-floor" in one_error_line(_evaluate(pipe, "--alpha-floor", "2"))
     partial = tmp_path / "partial"
     (partial / "vae").mkdir(parents=True)
     (partial / "vae" / "config.json").write_text("{}")
