@@ -16,7 +16,8 @@ time limit resumes from its last checkpoint when run again)::
 ``--family shapes-latent`` runs the ``teacher`` (also at 25 steps) and ``student-4`` jobs on the
 latent pipeline (rows in ``bench/out/step_distill_latent.json``; adherence and FD of the whole
 pipeline, decoder included, as ``snapc evaluate shapes-latent`` reports them; its students are
-sampled with the loss's alpha floor, see snapc.train.steps).
+sampled with the loss's alpha floor, see snapc.train.steps; the teacher is measured with that
+floor too, at trailing spacing, so the table shows what the floor alone is worth).
 
 Jobs: ``teacher`` (the shipped model, DDIM with CFG 3 at 1, 2, 4 and 8 steps, linspace and
 trailing spacing, two UNet calls per step), ``student-4`` (``snapc distill shapes
