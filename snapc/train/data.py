@@ -26,7 +26,7 @@ from snapc.errors import SnapcError
 from snapc.train.distributed import World
 from snapc.train.loop import Batch, batch_generator
 
-__all__ = ["NoisedBatches", "ShapesScenes", "TeacherSamples", "NoiseSchedule",
+__all__ = ["NoisedBatches", "ShapesScenes", "family_scenes", "TeacherSamples", "NoiseSchedule",
            "load_conditioning", "ConditioningError"]
 
 
@@ -132,6 +132,20 @@ class ShapesScenes(NoisedBatches):
     def describe(self) -> dict:
         """Return the source's settings for the training record."""
         return {**super().describe(), "caption_dropout": self.caption_dropout}
+
+
+def family_scenes(base: str, batch_size: int, seed: int, device: torch.device,
+                  caption_dropout: float) -> NoisedBatches:
+    """Return the training scenes of a trained family's base (``shapes``: pixels,
+    ``shapes-latent``: scenes through its frozen encoder); callers check
+    ``snapc.models.is_trained_family(base)`` first."""
+    from snapc.models import is_latent_family
+
+    if is_latent_family(base):
+        from snapc.shapes_latent.family import LatentScenes  # it builds on ShapesScenes
+
+        return LatentScenes(batch_size, seed, device, caption_dropout)
+    return ShapesScenes(batch_size, seed, device, caption_dropout)
 
 
 def load_conditioning(

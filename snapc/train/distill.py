@@ -118,17 +118,12 @@ def checkpoint_folder(out: Path) -> Path:
 def _data_source(base: str, teacher: nn.Module, example: tuple[torch.Tensor, ...],
                  options: RecoveryOptions, train_options: TrainOptions, loss: RecoveryLoss,
                  random_weights: bool, device: torch.device):
-    from snapc.models import is_latent_family, is_shapes_family
-    from snapc.train.data import ShapesScenes, TeacherSamples, load_conditioning
+    from snapc.models import is_trained_family
+    from snapc.train.data import TeacherSamples, family_scenes, load_conditioning
 
-    if is_shapes_family(base):
-        return ShapesScenes(train_options.batch, train_options.seed, device,
-                            loss.caption_dropout)
-    if is_latent_family(base):
-        from snapc.shapes_latent.family import LatentScenes
-
-        return LatentScenes(train_options.batch, train_options.seed, device,
-                            loss.caption_dropout)
+    if is_trained_family(base):
+        return family_scenes(base, train_options.batch, train_options.seed, device,
+                             loss.caption_dropout)
     sample, _, context = example
     states, uncond = load_conditioning(options.conditioning, context.shape[-1], context.shape[1],
                                        random_ok=random_weights, seed=train_options.seed)

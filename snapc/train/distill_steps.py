@@ -291,6 +291,8 @@ def distill_steps(
     import copy
 
     from snapc.shapes.model import encode_captions
+    from snapc.shapes_latent.family import x0_bound
+    from snapc.train.data import family_scenes
 
     plan = options.check()
     train_options.check()
@@ -313,7 +315,9 @@ def distill_steps(
             raise CheckpointError(f"teacher/student mismatch: {folder} was started from other "
                                   f"weights of {options.model}; resume with those, or delete "
                                   "the folder to start again")
-        data, bound = _training_data(plan, train_options, options.loss, world.device)
+        data = family_scenes(plan.source.base, train_options.batch, train_options.seed,
+                             world.device, options.loss.caption_dropout)
+        bound = x0_bound() if plan.latent else 1.0  # the sampler's x0 clip
         uncond = encode_captions([""], data.text) if plan.teacher_cfg else None
         records = []
         for r in plan.rounds:
@@ -360,20 +364,6 @@ def distill_steps(
         return record
     finally:
         teardown_world(world)
-
-
-def _training_data(plan: StepPlan, train_options: TrainOptions, loss: StepLoss,
-                   device: torch.device) -> tuple[Any, float]:
-    """Return the family's training scenes and the sampler's x0 bound (1 for pixels, the
-    latent range for shapes-latent)."""
-    args = (train_options.batch, train_options.seed, device, loss.caption_dropout)
-    if plan.latent:
-        from snapc.shapes_latent.family import LatentScenes, x0_bound
-
-        return LatentScenes(*args), x0_bound()
-    from snapc.train.data import ShapesScenes
-
-    return ShapesScenes(*args), 1.0
 
 
 def _write_folder(options: StepOptions, plan: StepPlan, loaded: Any, student: nn.Module,
