@@ -48,9 +48,11 @@ def _load_rows() -> list[dict]:
     return json.loads(OUT.read_text())["rows"] if OUT.is_file() else []
 
 
-def _write_rows(rows: list[dict], machine: str) -> None:
+def _write_rows(rows: list[dict]) -> None:
+    """Write the rows atomically; ``machines`` lists the GPUs of the rows (each names its own)."""
+    machines = sorted({r["machine"] for r in rows})
     with atomic_output_file(OUT) as tmp:
-        tmp.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+        tmp.write_text(json.dumps({"machines": machines, "rows": rows}, indent=1) + "\n")
 
 
 def _random_set(graph, cost, budget: float, seed: int) -> list[str]:
@@ -92,7 +94,7 @@ def _recover(key: str, removed: list[str] | None, budget: float | None, args) ->
                               robust=robust, name=key, search_prompts=args.search_prompts,
                               screen=args.screen if removed is None else 0,
                               screen_minutes=args.screen_minutes if args.screen else None)
-    train = TrainOptions(minutes=args.minutes, batch=args.batch, lr=args.lr,
+    train = TrainOptions(minutes=args.minutes, steps=args.steps, batch=args.batch, lr=args.lr,
                          warmup=100, ema=0.995, seed=0, device=args.device,
                          checkpoint_every=10_000, log_every=50)
     record = distill_recovery(options, train, RecoveryLoss(feature_kd=args.feature_kd),
@@ -109,7 +111,7 @@ def run(args) -> None:
 
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = _load_rows()
-    done = {(r["budget"], r["method"], r.get("seed")) for r in rows}
+    done = {(r["budget"], r["method"], r.get("seed"), r.get("variant", "")) for r in rows}
     graph = load_graph("shapes")
     cost = CostModel(DEVICE, dtype="fp16")
     original_ms = cost.estimate_graph(graph).total_ms
@@ -118,17 +120,20 @@ def run(args) -> None:
     for budget in args.budgets:
         for method in args.methods:
             if method == "random":
-                jobs += [(budget, method, seed) for seed in range(args.random_sets)]
+                seeds = args.random_seeds if args.random_seeds else range(args.random_sets)
+                jobs += [(budget, method, seed) for seed in seeds]
             elif method == "bk-sdm-small":
                 bk_ms = predicted_latency(graph, cost, list(BK_SDM_SMALL))
                 jobs.append((round(bk_ms / original_ms, 3), method, None))
             else:
                 jobs.append((budget, method, None))
     for budget, method, seed in dict.fromkeys(jobs):
-        if (budget, method, seed) in done:
-            print(f"skip {method} @ {budget} (seed {seed}): in {OUT.name}", flush=True)
+        if (budget, method, seed, args.variant) in done:
+            print(f"skip {method} @ {budget} (seed {seed}, variant {args.variant!r}): "
+                  f"in {OUT.name}", flush=True)
             continue
-        key = f"{method}@{budget}" + (f"-{seed}" if seed is not None else "")
+        key = (f"{method}@{budget}" + (f"-{seed}" if seed is not None else "")
+               + (f"-{args.variant}" if args.variant else ""))
         print(f"== {key}", flush=True)
         start = time.perf_counter()
         if method == "snapc":
@@ -141,7 +146,7 @@ def run(args) -> None:
         screening = ((record.get("search") or {}).get("screening") or {}).get("candidates", [])
         before = _evaluate(skip_blocks(load_unet(), removed), args.device, args.prompts)
         after = _evaluate(load_pruned_unet(folder), args.device, args.prompts)
-        row = {"budget": budget, "method": method, "seed": seed,
+        row = {"budget": budget, "method": method, "seed": seed, "variant": args.variant,
                "latency_ms": round(predicted_latency(graph, cost, removed), 3),
                "original_ms": round(original_ms, 3), "blocks_removed": len(removed),
                "removed": removed, "adherence_before": before["adherence"],
@@ -154,7 +159,7 @@ def run(args) -> None:
                "steps": record["steps"], "wall_seconds": round(time.perf_counter() - start, 1),
                "prompts": args.prompts, "machine": machine}
         rows.append(row)
-        _write_rows(rows, machine)
+        _write_rows(rows)
         print(json.dumps({k: v for k, v in row.items() if k != "removed"}), flush=True)
         if key in saves:
             import shutil
@@ -168,7 +173,8 @@ def plot(path: Path) -> str:
 
     from snapc.plots import save_figure
 
-    rows = sorted(_load_rows(), key=lambda r: (r["budget"], r["method"], r.get("seed") or 0))
+    rows = sorted(_load_rows(), key=lambda r: (r["budget"], r["method"], r.get("seed") or 0,
+                                               r.get("variant", "")))
     colours = {"snapc": "tab:red", "random": "tab:gray", "bk-sdm-small": "tab:blue"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, colour in colours.items():
@@ -189,14 +195,17 @@ def plot(path: Path) -> str:
     ax.legend(fontsize=7, loc="lower right")
     save_figure(fig, path)
     lines = ["| budget | method | latency ms | blocks | as removed | recovered | FD | "
-             "GPU-min (robust) | search s |", "|---|---|---|---|---|---|---|---|---|"]
+             "GPU-min (robust) | steps | search s | GPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        method = r["method"] + (f" #{r['seed']}" if r.get("seed") is not None else "")
+        method = (r["method"] + (f" #{r['seed']}" if r.get("seed") is not None else "")
+                  + (f" ({r['variant']})" if r.get("variant") else ""))
         search = f"{r['search_seconds']:.0f}" if r.get("search_seconds") else "-"
         lines.append(f"| {r['budget']} | {method} | {r['latency_ms']:.2f} | "
                      f"{r['blocks_removed']} | {r['adherence_before']:.3f} | "
                      f"**{r['adherence']:.3f}** | {r['fd']:.1f} | {r['gpu_minutes']:.1f} "
-                     f"({r.get('robust_minutes', 0):.1f}) | {search} |")
+                     f"({r.get('robust_minutes', 0):.1f}) | {r['steps']} | {search} | "
+                     f"{r['machine'].replace('NVIDIA ', '').split(' ')[0]} |")
     return "\n".join(lines) + _screening_table(rows)
 
 
@@ -238,7 +247,13 @@ def main() -> None:
     p.add_argument("--budgets", type=float, nargs="*", default=[0.3, 0.5, 0.7])
     p.add_argument("--methods", nargs="*", default=["snapc", "random", "bk-sdm-small"])
     p.add_argument("--random-sets", type=int, default=3)
+    p.add_argument("--random-seeds", type=int, nargs="*", default=[],
+                   help="run only these random sets (seeds), e.g. to rerun one under a variant")
     p.add_argument("--minutes", type=float, default=2.5, help="recovery minutes per model")
+    p.add_argument("--steps", type=int, default=None,
+                   help="also stop recovery after N steps (whichever bound comes first)")
+    p.add_argument("--variant", default="",
+                   help="label a protocol variant: its rows sit beside, not replace, the others")
     p.add_argument("--robust-minutes", type=float, default=0.0)
     p.add_argument("--screen", type=int, default=0,
                    help="snapc: random sets screened beside the search pick")
