@@ -18,8 +18,16 @@ Each TVM artifact is verified by the target against PyTorch as always (a failure
 run). Calls are interleaved round by round; medians and ratios to eager are printed and written
 to ``bench/out/tvm_cuda_tuned.json`` (``--write-results``: the ``## TVM CUDA tuned`` section).
 
-    python bench/tvm_cuda_tuned.py --trials 2000 --max-kernels 40 --write-results
-    python bench/tvm_cuda_tuned.py --quick      # tiny UNet, 32 trials: checks the path
+GPU calls are short (10 minutes), so the work splits: ``--phase tune`` tunes into a kept
+``--records`` folder in rounds of ``--max-kernels`` kernels until ``--tune-minutes`` are spent
+(each round lands atomically; the next call tunes the kernels still missing), and ``--phase
+measure`` builds and times with the records as they are, adding their total tuning time::
+
+    python bench/tvm_cuda_tuned.py --phase tune --records R --tune-minutes 8 --trials 512
+    python bench/tvm_cuda_tuned.py --phase measure --records R --write-results
+    python bench/tvm_cuda_tuned.py --quick      # tiny UNet, 32 trials, both phases: checks the path
+
+TVM's compiler is not on the GPU machine: ``python scripts/device_tvm.py`` packs it to carry.
 """
 
 from __future__ import annotations
@@ -73,34 +81,46 @@ def _torch_call(module: Any, inputs: list[Any]) -> Callable[[], Any]:
     return call
 
 
-def main() -> None:
-    """Tune, build, verify and time the variants on cuda:0; print and record the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sd15")
-    parser.add_argument("--quick", action="store_true", help="tiny UNet, 32 trials, 3 rounds")
-    parser.add_argument("--trials", type=int, default=2000)
-    parser.add_argument("--max-kernels", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--cuda-arch", default=None, help="default: this GPU's sm_XY")
-    parser.add_argument("--write-results", action="store_true")
-    args = parser.parse_args()
-    if args.quick:
-        args.model, args.trials, args.max_kernels, args.rounds = "tiny", 32, 4, 3
+def _tune(graph: Any, args: argparse.Namespace, arch: str, records: Path) -> dict[str, Any]:
+    """Tune into ``records`` round by round until the minutes are spent or no kernel is left;
+    return what the rounds did."""
+    from snapc.tune import TuneOptions, tune_graph
 
+    start, rounds = time.perf_counter(), []
+    while True:
+        begin = time.perf_counter()
+        done = tune_graph(graph, TuneOptions(
+            model=args.model, target="cuda", out=records, trials=args.trials,
+            trials_per_task=args.trials_per_kernel, precision="fp16",
+            max_kernels=args.max_kernels, cuda_arch=arch, build_workers=args.build_workers),
+            progress=print)
+        fresh = [t for t in done.summary["tasks"] if not t["reused"]]
+        rounds.append({"kernels": len(fresh), "seconds": round(time.perf_counter() - begin, 1),
+                       "tasks": len(done.summary["tasks"])})
+        print(f"round {len(rounds)}: {len(fresh)} kernels tuned in {rounds[-1]['seconds']} s; "
+              f"{done.index['workloads']} workloads in {records}", flush=True)
+        spent = time.perf_counter() - start
+        if not fresh or spent + rounds[-1]["seconds"] > args.tune_minutes * 60:
+            return {"rounds": rounds, "seconds": round(spent, 1),
+                    "cost_model": done.summary["cost_model"]}
+
+
+def _tuning_seconds(records: Path) -> float:
+    """The search seconds of every tuning run filed in ``records``' index."""
+    from snapc.targets.tvm_tuning import read_index
+
+    return sum(m.get("search_s", 0.0) for m in read_index(records).get("models", []))
+
+
+def _measure(graph: Any, args: argparse.Namespace, arch: str, records: Path | None,
+             build_root: Path) -> tuple[dict[str, list[float]], dict[str, float], dict[str, str]]:
+    """Build each variant, verify it, and time it beside eager and torch.compile."""
     import torch
 
-    from bench.results import write_section
-    from snapc.compiler import load_graph
     from snapc.errors import SnapcError
     from snapc.models import load_model
     from snapc.targets.tvm import TvmOptions, export
-    from snapc.tune import TuneOptions, tune_graph
 
-    if not torch.cuda.is_available():
-        raise SystemExit("error: no CUDA device; run this on a GPU machine")
-    major, minor = torch.cuda.get_device_capability()
-    arch = args.cuda_arch or f"sm_{major}{minor}"
-    gpu = torch.cuda.get_device_name()
     loaded = load_model(args.model)
     unet = loaded.module.to("cuda", torch.float16).eval()
     inputs = [t.to("cuda", torch.float16) for t in loaded.example_inputs]
@@ -110,47 +130,89 @@ def main() -> None:
     _torch_call(compiled, inputs)()
     timings = {"torch_compile_s": time.perf_counter() - start}
     calls["compile"] = _torch_call(compiled, inputs)
-    graph = load_graph(args.model)  # fp32 trace on the CPU: the TVM import converts to fp16
+    builds: dict[str, dict[str, Any]] = {"tvm": {}, "tvm_cublas": {"offload": "cublas"}}
+    if records is not None:
+        builds["tvm_tuned"] = {"tuning": str(records)}
     skipped: dict[str, str] = {}
+    for name, extra in builds.items():
+        folder = build_root / name
+        folder.mkdir()
+        start = time.perf_counter()
+        try:
+            manifest = export(graph, folder, TvmOptions(target="cuda", precision="fp16",
+                                                        cuda_arch=arch, **extra), print)
+        except SnapcError as exc:
+            if "offload" not in extra:
+                raise
+            skipped[name] = str(exc)
+            continue
+        manifest.write(folder)
+        timings[f"{name}_build_s"] = time.perf_counter() - start
+        calls[name] = _tvm_call(folder, graph.example_inputs)
+    for call in calls.values():
+        call()
+    samples: dict[str, list[float]] = {n: [] for n in calls}
+    for round_ in range(args.rounds):
+        for name in (list(calls) if round_ % 2 == 0 else list(reversed(calls))):
+            begin = time.perf_counter()
+            calls[name]()
+            samples[name].append((time.perf_counter() - begin) * 1000.0)
+    return samples, timings, skipped
+
+
+def main() -> None:
+    """Tune, or build, verify and time the variants on cuda:0; print and record the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny UNet, 32 trials, 3 rounds, both phases")
+    parser.add_argument("--phase", choices=["tune", "measure", "both"], default="both")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="tuning records kept between calls (default: a scratch folder)")
+    parser.add_argument("--tune-minutes", type=float, default=8.0)
+    parser.add_argument("--trials", type=int, default=512, help="trials per tuning round")
+    parser.add_argument("--trials-per-kernel", type=int, default=None)
+    parser.add_argument("--max-kernels", type=int, default=8, help="kernels per tuning round")
+    parser.add_argument("--build-workers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--cuda-arch", default=None, help="default: this GPU's sm_XY")
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.trials, args.max_kernels, args.rounds = "tiny", 32, 4, 3
+        args.tune_minutes = 0.1
+
+    import torch
+
+    from bench.results import write_section
+    from snapc.compiler import load_graph
+
+    if not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device; run this on a GPU machine")
+    major, minor = torch.cuda.get_device_capability()
+    arch = args.cuda_arch or f"sm_{major}{minor}"
+    gpu = torch.cuda.get_device_name()
+    graph = load_graph(args.model)  # fp32 trace on the CPU: the TVM import converts to fp16
     with tempfile.TemporaryDirectory(prefix="snapc-tvm-cuda-") as tmp:
         root = Path(tmp)
-        start = time.perf_counter()
-        tuned = tune_graph(graph, TuneOptions(model=args.model, target="cuda", out=root / "rec",
-                                              trials=args.trials, precision="fp16",
-                                              max_kernels=args.max_kernels, cuda_arch=arch),
-                           progress=print)
-        timings["tune_s"] = time.perf_counter() - start
-        builds = {"tvm": {}, "tvm_tuned": {"tuning": str(root / "rec")},
-                  "tvm_cublas": {"offload": "cublas"}}
-        for name, extra in builds.items():
-            folder = root / name
-            folder.mkdir()
-            start = time.perf_counter()
-            try:
-                manifest = export(graph, folder, TvmOptions(target="cuda", precision="fp16",
-                                                            cuda_arch=arch, **extra), print)
-            except SnapcError as exc:
-                if "offload" not in extra:
-                    raise
-                skipped[name] = str(exc)
-                continue
-            manifest.write(folder)
-            timings[f"{name}_build_s"] = time.perf_counter() - start
-            calls[name] = _tvm_call(folder, graph.example_inputs)
-        for call in calls.values():
-            call()
-        samples: dict[str, list[float]] = {n: [] for n in calls}
-        for round_ in range(args.rounds):
-            for name in (list(calls) if round_ % 2 == 0 else list(reversed(calls))):
-                begin = time.perf_counter()
-                calls[name]()
-                samples[name].append((time.perf_counter() - begin) * 1000.0)
+        records = args.records or root / "rec"
+        tuning = None
+        if args.phase in ("tune", "both"):
+            tuning = _tune(graph, args, arch, records)
+            print(json.dumps({"tuning": tuning}), flush=True)
+            if args.phase == "tune":
+                return
+        if not records.is_dir():
+            raise SystemExit(f"error: no tuning records at {records}: run --phase tune first")
+        samples, timings, skipped = _measure(graph, args, arch, records, root)
+        timings["tune_s"] = _tuning_seconds(records)
+        kept = _records_summary(records)
     eager = statistics.median(samples["eager"])
     rows = {n: {"median_ms": statistics.median(s), "best_ms": min(s),
                 "vs_eager": statistics.median(s) / eager} for n, s in samples.items()}
     record = {"model": args.model, "gpu": gpu, "cuda_arch": arch, "rounds": args.rounds,
-              "trials": args.trials, "max_kernels": args.max_kernels, "rows": rows,
-              "not_built": skipped, "tuning_cost_model": tuned.summary["cost_model"],
+              "rows": rows, "not_built": skipped, "tuning": tuning,
+              "records": kept,
               "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     out = HERE / "out" / ("tvm_cuda_tuned_quick.json" if args.quick else "tvm_cuda_tuned.json")
     out.parent.mkdir(exist_ok=True)
@@ -159,12 +221,20 @@ def main() -> None:
     lines += [f"| {n} | {r['median_ms']:.1f} | {r['best_ms']:.1f} | {r['vs_eager']:.2f}x |"
               for n, r in rows.items()]
     lines += [f"| {n} | not built: {why} | | |" for n, why in skipped.items()]
-    body = "\n".join([f"{args.model} UNet fp16 on {gpu} ({arch}); tuning {args.trials} trials "
-                      f"over the {args.max_kernels} heaviest kernels took "
-                      f"{timings['tune_s']:.0f} s.", "", *lines])
+    body = "\n".join([f"{args.model} UNet fp16 on {gpu} ({arch}); the records hold "
+                      f"{record['records']['kernels']} tuned kernels from "
+                      f"{timings['tune_s']:.0f} s of search.", "", *lines])
     print(body)
     if args.write_results and not args.quick:
         write_section("TVM CUDA tuned", body)
+
+
+def _records_summary(records: Path) -> dict[str, Any]:
+    from snapc.targets.tvm_tuning import read_index
+
+    index = read_index(records)
+    return {"kernels": len(index.get("kernels", {})), "workloads": index.get("workloads"),
+            "records": index.get("records"), "runs": len(index.get("models", []))}
 
 
 if __name__ == "__main__":

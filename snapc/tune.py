@@ -41,7 +41,8 @@ class TuneOptions:
     ``trials_per_task`` caps one kernel (default: ``trials``); ``rpc`` a TVM RPC tracker
     ``HOST:PORT`` with ``device_key`` the key its servers registered; ``cores`` the device's
     cores (default: this machine's); ``timeout_s`` bounds the whole search; ``max_kernels``
-    tunes only that many kernels not yet in the records, the heaviest (FLOPs x occurrences).
+    tunes only that many kernels not yet in the records, the heaviest (FLOPs x occurrences);
+    ``build_workers`` compiles that many candidates at once (1 keeps a 2-core machine usable).
     """
 
     model: str
@@ -64,6 +65,7 @@ class TuneOptions:
     cuda_arch: str = "sm_90"
     timeout_s: float = 6 * 3600.0
     max_kernels: int | None = None
+    build_workers: int = 1
 
     @property
     def device(self) -> str:
@@ -102,6 +104,8 @@ def check_tune(options: TuneOptions) -> dict[str, Any] | None:
 
     if options.trials < 1 or options.trials_per_iter < 1:
         raise SnapcError("--trials and the trials per round must be at least 1")
+    if options.build_workers < 1:
+        raise SnapcError("the tuning's build workers must be at least 1")
     if options.max_kernels is not None and options.max_kernels < 1:
         raise SnapcError("--max-kernels must be at least 1")
     if options.precision not in (None, "fp16", "fp32"):
@@ -154,7 +158,8 @@ def _spec(options: TuneOptions, program: Path, work: Path, records: Path) -> dic
         "target": json.dumps(target_dict), "records": str(records), "work": str(work),
         "trials": options.trials, "trials_per_task": options.trials_per_task or options.trials,
         "trials_per_iter": min(options.trials_per_iter, options.trials), "seed": options.seed,
-        "threads": cores if options.rpc is None else "physical", "build_workers": 1,
+        "threads": cores if options.rpc is None else "physical",
+        "build_workers": options.build_workers,
         "build_timeout_s": 120.0, "run_timeout_s": 60.0, "number": 3, "repeat": 1,
         "min_repeat_ms": 20 if target.kind.name == "llvm" else 0,
         "cross_compiler": toolchain.compiler if toolchain else None, "rpc": rpc,
