@@ -33,7 +33,7 @@ from snapc.quality import (
     prompt_adherence,
     validation_codes,
 )
-from snapc.shapes.data import render, sample_codes
+from snapc.shapes.data import N_OBJECTS, render, sample_codes
 from snapc.shapes.model import build_unet
 from snapc.shapes.schedule import TRAIN_STEPS, add_noise
 from snapc.shapes.text import TextEncoder, caption_tokens
@@ -53,16 +53,37 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-drop", type=float, default=0.1)
     p.add_argument("--classifier-steps", type=int, default=1500)
+    p.add_argument("--two-object-fraction", type=float, default=None,
+                   help="draw this share of each batch from two-object scenes (default: the "
+                        "pool's own ~half); more of them trains colour binding harder")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--anneal", action="store_true", help="cosine learning rate to 0 by --minutes")
     p.add_argument("--eval-prompts", type=int, default=1000)
     p.add_argument("--eval-guidance", type=float, nargs="*", default=[2.0, 3.0, 5.0])
-    return p.parse_args()
+    args = p.parse_args()
+    if args.two_object_fraction is not None and not 0.0 <= args.two_object_fraction <= 1.0:
+        p.error("--two-object-fraction must be within [0, 1]")
+    return args
 
 
 def _train_pool(n: int, seed: int, device: torch.device) -> torch.Tensor:
     gen = torch.Generator(device=device).manual_seed(seed)
     return sample_codes(n, split="train", generator=gen, device=device)
+
+
+def _batch_codes(pool: torch.Tensor, batch: int, gen: torch.Generator,
+                 two_fraction: float | None) -> torch.Tensor:
+    """Draw a batch of scene codes from ``pool``, ``two_fraction`` of them two-object scenes
+    (None: uniformly from the pool)."""
+    device = pool.device
+    if two_fraction is None:
+        return pool[torch.randint(len(pool), (batch,), generator=gen, device=device)]
+    two = pool[pool >= N_OBJECTS]
+    one = pool[pool < N_OBJECTS]
+    pick_two = torch.rand(batch, generator=gen, device=device) < two_fraction
+    return torch.where(pick_two, two[torch.randint(len(two), (batch,), generator=gen,
+                                                   device=device)],
+                       one[torch.randint(len(one), (batch,), generator=gen, device=device)])
 
 
 def train_classifier(pool: torch.Tensor, steps: int, seed: int) -> FeatureClassifier:
@@ -138,7 +159,7 @@ def main() -> None:
     deadline = t0 + 60 * args.minutes
     step, losses, window = 0, [], torch.zeros((), device=device)
     while step < args.steps and time.time() < deadline:
-        codes = pool[torch.randint(len(pool), (args.batch,), generator=gen, device=device)]
+        codes = _batch_codes(pool, args.batch, gen, args.two_object_fraction)
         x0 = render(codes)
         tokens = caption_tokens(codes)
         drop = torch.rand(args.batch, generator=gen, device=device) < args.caption_drop
