@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from snapc.artifacts import atomic_output_file
-from snapc.cli_common import ModelArg, err, fail, out
+from snapc.cli_common import ForceOpt, ModelArg, err, fail, out
 from snapc.errors import SnapcError
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def compile_cmd(
     latent: LatentOpt = None,
     batch: BatchOpt = 1,
     arch: ArchOpt = None,
-    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    force: ForceOpt = False,
     seed: Annotated[int, typer.Option(help="seed of random weights and example inputs")] = 0,
     device: DeviceOpt = None,
     budget: BudgetOpt = None,

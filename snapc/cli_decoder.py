@@ -11,7 +11,17 @@ from typing import Annotated
 
 import typer
 
-from snapc.cli_common import out
+from snapc.cli_common import (
+    CheckpointEveryOpt,
+    EmaOpt,
+    ForceOpt,
+    LrOpt,
+    ResumeOpt,
+    TrainBatchOpt,
+    TrainDeviceOpt,
+    WarmupOpt,
+    out,
+)
 from snapc.cli_train import run_training
 
 __all__ = ["compress_decoder_command"]
@@ -38,21 +48,19 @@ def compress_decoder_command(
     device: Annotated[list[str] | None, typer.Option(
         "--device", help="device whose latency is predicted (repeatable; default "
                          "iphone14pro-ane and adreno740)")] = None,
-    train_device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    batch: Annotated[int, typer.Option(help="global batch (split over torchrun processes)")]
-    = 32,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
-    warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 100,
-    ema: Annotated[float, typer.Option(help="EMA decay of the weights written")] = 0.995,
+    train_device: TrainDeviceOpt = "auto",
+    batch: TrainBatchOpt = 32,
+    lr: LrOpt = 1e-4,
+    warmup: WarmupOpt = 100,
+    ema: EmaOpt = 0.995,
     pixel_weight: Annotated[float, typer.Option(help="weight of MSE to the teacher's image")]
     = 1.0,
     feature_weight: Annotated[float, typer.Option(
         help="weight of MSE to the teacher's mid/up block outputs")] = 1.0,
-    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 200,
+    checkpoint_every: CheckpointEveryOpt = 200,
     seed: Annotated[int, typer.Option(help="seed of the latents")] = 0,
-    resume: Annotated[bool, typer.Option(
-        help="continue a killed run from its last checkpoint (<out>.checkpoints)")] = False,
-    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the record")] = False,
 ) -> None:
     """Prune the decoder's ResNet channels and optionally its block widths (--width-keep; L1

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from snapc.cli_common import err, fail, out
+from snapc.cli_common import ForceOpt, err, fail, out
 from snapc.errors import SnapcError
 
 __all__ = ["generate_command"]
@@ -38,7 +38,7 @@ def generate_command(
         help="DDIM steps (default: the manifest's sampler)")] = None,
     guidance: Annotated[float | None, typer.Option(
         help="CFG scale (default: the manifest's sampler)")] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    force: ForceOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Generate one image per prompt with the compiled components of ARTIFACT (ONNX on

@@ -22,7 +22,21 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from snapc.cli_common import ModelArg, err, fail, out, show_warnings
+from snapc.cli_common import (
+    CheckpointEveryOpt,
+    EmaOpt,
+    ForceOpt,
+    LrOpt,
+    ModelArg,
+    ResumeOpt,
+    TrainBatchOpt,
+    TrainDeviceOpt,
+    WarmupOpt,
+    err,
+    fail,
+    out,
+    show_warnings,
+)
 from snapc.errors import SnapcError
 
 __all__ = ["distill_command", "TrainBar", "run_training"]
@@ -116,14 +130,13 @@ def distill_command(
     = None,
     screen_minutes: Annotated[float | None, typer.Option(
         help="minutes of each screening run")] = None,
-    train_device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    batch: Annotated[int, typer.Option(help="global batch (split over torchrun processes)")]
-    = 64,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
-    warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 100,
+    train_device: TrainDeviceOpt = "auto",
+    batch: TrainBatchOpt = 64,
+    lr: LrOpt = 1e-4,
+    warmup: WarmupOpt = 100,
     lr_decay: Annotated[str, typer.Option(
         help="after the warm-up: constant, or cosine to 0 by the run's end")] = "constant",
-    ema: Annotated[float, typer.Option(help="EMA decay of the weights written")] = 0.995,
+    ema: EmaOpt = 0.995,
     task_weight: Annotated[float, typer.Option(help="weight of MSE to the true noise")] = 1.0,
     kd_weight: Annotated[float, typer.Option(help="weight of MSE to the teacher's output")]
     = 1.0,
@@ -135,12 +148,11 @@ def distill_command(
         help="data-free: .safetensors with encoder_hidden_states (N, L, D) [+ uncond]")] = None,
     pool: Annotated[int, typer.Option(
         help="data-free: teacher samples drawn once as training data")] = 256,
-    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 200,
+    checkpoint_every: CheckpointEveryOpt = 200,
     seed: Annotated[int, typer.Option(help="seed of data, noise and skip draws")] = 0,
     name: Annotated[str | None, typer.Option(help="name of the recovered model")] = None,
-    resume: Annotated[bool, typer.Option(
-        help="continue a killed run from its last checkpoint (<out>.checkpoints)")] = False,
-    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
     arch: Annotated[str | None, typer.Option(help="architecture of a bare weights file")]
     = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the training record")] = False,
