@@ -10,6 +10,14 @@ are skipped)::
     python bench/recovery.py --budgets 0.3 0.5 0.7 --methods random --minutes 2.5
     python bench/recovery.py --plot            # table + PNG for bench/RESULTS.md
 
+On another GPU than the earlier rows, bound recovery by steps, not minutes, and rerun the
+baseline there under the same label (a ``--variant`` row sits beside the plain one)::
+
+    python bench/recovery.py --budgets 0.3 --methods snapc --minutes 10 --steps 2574 \
+        --variant steps-2574
+    python bench/recovery.py --budgets 0.3 --methods random --random-seeds 2 --minutes 10 \
+        --steps 2574 --variant steps-2574
+
 Methods: ``snapc`` (snapc distill's own flow: block search with the full metric, optionally
 after robust training, then recovery), ``random`` (3 seeded random sets meeting the budget),
 ``bk-sdm-small`` (BK-SDM-Small's rule, at its own budget). ``--save NAME=DIR`` keeps a

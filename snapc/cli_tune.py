@@ -33,6 +33,8 @@ def tune_command(
         help="tune only the N heaviest kernels not yet in the records (FLOPs x uses)")] = None,
     trials_per_round: Annotated[int, typer.Option(
         help="candidates measured per search round (one kernel per round)")] = 16,
+    build_workers: Annotated[int, typer.Option(
+        help="candidates compiled at once (more on a many-core machine)")] = 1,
     rpc: Annotated[str | None, typer.Option(
         help="TVM RPC tracker HOST:PORT whose servers measure (needs --device-key)")] = None,
     device_key: Annotated[str | None, typer.Option(
@@ -56,7 +58,7 @@ def tune_command(
                           trials_per_task=trials_per_task, trials_per_iter=trials_per_round,
                           max_kernels=max_kernels, precision=precision, mcpu=mcpu,
                           rpc=rpc, device_key=device_key, batch=batch, latent=latent,
-                          arch=arch, seed=seed)
+                          arch=arch, seed=seed, build_workers=build_workers)
     try:
         with err.status("tuning") as status:
             result = tune_model(options, progress=lambda text: status.update(text))

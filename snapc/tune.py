@@ -105,7 +105,7 @@ def check_tune(options: TuneOptions) -> dict[str, Any] | None:
     if options.trials < 1 or options.trials_per_iter < 1:
         raise SnapcError("--trials and the trials per round must be at least 1")
     if options.build_workers < 1:
-        raise SnapcError("the tuning's build workers must be at least 1")
+        raise SnapcError("--build-workers: the tuning's build workers must be at least 1")
     if options.max_kernels is not None and options.max_kernels < 1:
         raise SnapcError("--max-kernels must be at least 1")
     if options.precision not in (None, "fp16", "fp32"):

@@ -232,3 +232,5 @@ def test_bad_tune_requests_are_one_line_errors(tmp_path: Path) -> None:
     assert "through a TVM RPC tracker" in tune("--target", "cuda", "-o", str(tmp_path / "r"))
     assert "does not exist" in tune("--target", "x86", "-o", str(tmp_path / "no" / "r"))
     assert "at least 1" in tune("--target", "x86", "-o", str(tmp_path / "r"), "--max-kernels", "0")
+    assert "build workers must be at least 1" in tune("--target", "x86", "-o",
+                                                      str(tmp_path / "r"), "--build-workers", "0")
