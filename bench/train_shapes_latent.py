@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from snapc.cli_common import err
-from snapc.cli_train import TrainBar
+from snapc.cli_training import TrainBar
 from snapc.errors import SnapcError
 from snapc.shapes_latent.config import WEIGHTS_DIR
 from snapc.shapes_latent.recipe import (

@@ -58,13 +58,13 @@ def _base(graph: Graph) -> str:
 
 
 def _shapes_family(graph: Graph) -> bool:
-    from snapc.models import is_shapes_family
+    from snapc.families import is_shapes_family
 
     return is_shapes_family(_base(graph))
 
 
 def _latent_family(graph: Graph) -> bool:
-    from snapc.models import is_latent_family
+    from snapc.families import is_latent_family
 
     return is_latent_family(_base(graph))
 

@@ -209,7 +209,7 @@ def _recover_then_compile(options, budget: float | None, minutes: float, train_d
     import dataclasses
     import tempfile
 
-    from snapc.cli_train import TrainBar
+    from snapc.cli_training import TrainBar
     from snapc.compiler import check_options, compile_model
     from snapc.train import RecoveryLoss, RecoveryOptions, TrainOptions, distill_recovery
 

@@ -22,7 +22,7 @@ from snapc.cli_common import (
     WarmupOpt,
     out,
 )
-from snapc.cli_train import run_training
+from snapc.cli_training import run_training
 
 __all__ = ["compress_decoder_command"]
 

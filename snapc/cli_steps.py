@@ -66,7 +66,7 @@ def run_step_distillation(*, model: str, output: Path, sampling_steps: int,
                                  lr=lr, warmup=warmup, lr_decay=lr_decay, ema=ema, seed=seed,
                                  device=train_device,
                                  checkpoint_every=checkpoint_every)
-    from snapc.cli_train import run_training
+    from snapc.cli_training import run_training
 
     def checks() -> None:
         if train_options.steps is None and train_options.minutes is None:

@@ -79,7 +79,7 @@ def parse_components(text: str) -> tuple[str, ...]:
 
 
 def _is_shapes(info: Any) -> bool:
-    from snapc.models import is_shapes_family
+    from snapc.families import is_shapes_family
 
     return is_shapes_family(info.base or info.name)
 

@@ -83,7 +83,8 @@ def check_device(device: str) -> None:
 
 
 def _registered(name: str, device: str) -> LoadedDenoiser:
-    from snapc.models import MODELS, is_shapes_family, load_model
+    from snapc.families import is_shapes_family
+    from snapc.models import MODELS, load_model
     from snapc.pruned import skip_blocks
 
     if not is_shapes_family(name):
@@ -100,7 +101,7 @@ def _registered(name: str, device: str) -> LoadedDenoiser:
 
 
 def _pruned_folder(folder: Path, device: str) -> LoadedDenoiser:
-    from snapc.models import is_shapes_family
+    from snapc.families import is_shapes_family
     from snapc.pruned import RECORD_FILE, load_pruned_unet, read_record
 
     record = read_record(folder)
@@ -128,8 +129,8 @@ class _OnnxDenoiser:
 
 
 def _artifact(folder: Path, device: str) -> LoadedDenoiser:
+    from snapc.families import is_shapes_family
     from snapc.manifest import MANIFEST_NAME
-    from snapc.models import is_shapes_family
 
     path = folder / MANIFEST_NAME
     try:

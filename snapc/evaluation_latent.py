@@ -63,7 +63,7 @@ def is_latent_model(model: str) -> bool:
         return False
     base = _pruned_base(path)
     if base is not None:
-        from snapc.models import is_latent_family
+        from snapc.families import is_latent_family
 
         return is_latent_family(base)
     return (path / "text_encoder.safetensors").is_file() or (

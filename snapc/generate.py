@@ -219,7 +219,7 @@ def load_artifact(path: str | Path) -> GenerateArtifact:
     text = _component(manifest, "text_encoder", folder)
     unet = _component(manifest, "unet", folder)
     decoder = _component(manifest, "vae_decoder", folder) if latent is not None else None
-    from snapc.models import is_shapes_family
+    from snapc.families import is_shapes_family
 
     base = str(model.get("base") or model.get("name"))
     shapes = is_shapes_family(base) and latent is None

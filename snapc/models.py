@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from snapc.errors import SnapcError, UnknownNameError, WeightsError
+from snapc.families import is_latent_family, is_shapes_family, is_trained_family
 from snapc.graph import ModelInfo
+from snapc.model_io import LoadedModel, file_sha256, load_state_strict, read_state_dict
 
 __all__ = [
     "ModelSpec",
@@ -170,16 +171,6 @@ TIME_IDS = 6
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    """A model ready to trace: the module, example inputs and where it came from."""
-
-    module: nn.Module
-    example_inputs: tuple[torch.Tensor, ...]
-    info: ModelInfo
-    removed: tuple[str, ...] = ()  # blocks to remove after tracing (a pruned-UNet folder)
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     """A registered model name: how to build it and whether its weights are random."""
 
@@ -315,52 +306,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def file_sha256(path: Path) -> str:
-    """Return the hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors or .bin state dict, raising WeightsError naming the file."""
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}; pass an existing file or folder")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors and torch raise several unrelated types
-        raise WeightsError(
-            f"corrupt weights file {path}: {str(exc).splitlines()[0][:160]}; "
-            "re-save or re-download it") from exc
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} does not hold a state dict; save one with torch.save")
-    return state
-
-
-def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load ``state`` strictly, raising WeightsError that names the file and first bad key."""
-    expected = module.state_dict()
-    for key, tensor in state.items():
-        if key not in expected:
-            raise WeightsError(f"{path}: unexpected key '{key}' (not in the architecture); "
-                               "check the model config or --arch")
-        if tuple(expected[key].shape) != tuple(tensor.shape):
-            raise WeightsError(
-                f"{path}: key '{key}' has shape {list(tensor.shape)}, the architecture "
-                f"expects {list(expected[key].shape)}; check the model config or --arch")
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise WeightsError(f"{path}: missing key '{missing[0]}' ({len(missing)} missing); "
-                           "the file is incomplete or for another architecture")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-
-
 _WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
@@ -418,28 +363,6 @@ def _load_pruned(folder: Path, batch: int, latent: int | None, seed: int) -> Loa
                      weights_path=str(weights), weights_sha256=file_sha256(weights),
                      base=record.base, removed=record.removed, sampler=record.sampler)
     return LoadedModel(module, inputs, info, removed=record.removed)
-
-
-def is_latent_family(name: str | None) -> bool:
-    """Return whether a model (or base) name is ``shapes-latent`` or derived from it."""
-    from snapc.shapes_latent.family import is_latent_family as latent
-
-    return latent(name)
-
-
-def is_trained_family(name: str | None) -> bool:
-    """Return whether a model (or base) name is of a trained reference family (``shapes``
-    or ``shapes-latent``): the families with training data and a full quality metric."""
-    return bool(name) and (is_shapes_family(str(name)) or is_latent_family(name))
-
-
-def is_shapes_family(name: str) -> bool:
-    """Return whether a model (or base) name is the pixel-space shapes model or one derived
-    from it (``shapes-latent``, the latent pipeline, is another family: snapc.evaluation_latent).
-    """
-    if name == "shapes-latent" or name.startswith("shapes-latent/"):
-        return False
-    return name == "shapes" or name.startswith("shapes-")
 
 
 PIPELINE_INDEX = "model_index.json"

@@ -234,7 +234,7 @@ def _build(config: dict, path: Path) -> nn.Module:
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from snapc.models import read_state_dict
+    from snapc.model_io import read_state_dict
 
     return {k: v.float() for k, v in read_state_dict(folder / WEIGHTS_FILE).items()}
 
@@ -242,7 +242,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_pruned_unet(folder: str | Path) -> nn.Module:
     """Return the folder's diffusers ``UNet2DConditionModel`` with its removed blocks as skips
     (fp32, eval mode); use it as ``pipe.unet`` in a diffusers pipeline."""
-    from snapc.models import load_state_strict
+    from snapc.model_io import load_state_strict
 
     folder = Path(folder)
     record = read_record(folder)

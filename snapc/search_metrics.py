@@ -22,7 +22,7 @@ def full_metric(graph: Graph, prompts: int = 100, steps: int = 10, device: str =
     """Return the full metric for ``graph``'s family, or None where there is none: the
     shapes family's :class:`AdherenceLoss`, shapes-latent's
     :class:`snapc.shapes_latent.family.LatentAdherenceLoss` (its pictures decoded)."""
-    from snapc.models import is_latent_family, is_shapes_family
+    from snapc.families import is_latent_family, is_shapes_family
 
     base = graph.source.base or graph.source.name
     if is_shapes_family(base):

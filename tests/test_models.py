@@ -113,7 +113,7 @@ def test_random_named_models_are_marked_random():
 
 
 def test_shapes_family_is_the_pixel_space_model_and_its_derivatives():
-    from snapc.models import is_shapes_family
+    from snapc.families import is_shapes_family
 
     assert all(is_shapes_family(n) for n in ("shapes", "shapes-small", "shapes-fast"))
     assert not any(is_shapes_family(n) for n in ("shapes-latent", "sd15", "tiny", "shapesx"))

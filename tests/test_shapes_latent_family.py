@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from snapc.models import is_latent_family, is_shapes_family, load_model
+from snapc.families import is_latent_family, is_shapes_family
+from snapc.models import load_model
 
 
 def test_registered_latent_unet_has_latent_inputs():

@@ -25,21 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from snapc.families import LATENT_BASE
 from snapc.graph import Graph
 from snapc.shapes_latent.config import LATENT_CHANNELS, LATENT_SIZE, WEIGHTS_DIR
 from snapc.train.data import NoiseSchedule, ShapesScenes
 
-__all__ = ["LATENT_BASE", "is_latent_family", "load_parts", "shipped_text_encoder",
-           "example_inputs",
-           "load_unet_model", "LatentScenes", "calibration_triples", "x0_bound",
-           "LatentAdherenceLoss", "latent_adherence_score"]
-
-LATENT_BASE = "shapes-latent"
-
-
-def is_latent_family(name: str | None) -> bool:
-    """Return whether a model (or base) name is shapes-latent or derived from it."""
-    return bool(name) and (name == LATENT_BASE or str(name).startswith(LATENT_BASE + "/"))
+__all__ = ["load_parts", "shipped_text_encoder", "example_inputs", "load_unet_model",
+           "LatentScenes", "calibration_triples", "x0_bound", "LatentAdherenceLoss",
+           "latent_adherence_score"]
 
 
 def load_parts(weights_dir: Path = WEIGHTS_DIR) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -88,7 +81,7 @@ def load_unet_model(batch: int, latent: int | None, device: torch.device, seed: 
     """Return the registered ``shapes-latent`` UNet as a :class:`snapc.models.LoadedModel`."""
     from snapc.errors import WeightsError
     from snapc.graph import ModelInfo
-    from snapc.models import LoadedModel, file_sha256
+    from snapc.model_io import LoadedModel, file_sha256
 
     if latent is not None and latent != LATENT_SIZE:
         raise WeightsError(f"model 'shapes-latent' samples {LATENT_SIZE}x{LATENT_SIZE} latents; "

@@ -26,7 +26,7 @@ from snapc.errors import SnapcError
 from snapc.train.distributed import World
 from snapc.train.loop import Batch, batch_generator
 
-__all__ = ["NoisedBatches", "ShapesScenes", "family_scenes", "TeacherSamples", "NoiseSchedule",
+__all__ = ["NoisedBatches", "ShapesScenes", "TeacherSamples", "NoiseSchedule",
            "load_conditioning", "ConditioningError"]
 
 
@@ -45,7 +45,7 @@ class NoiseSchedule:
         """Return the schedule a model was trained with: shapes' cosine schedule (shapes and
         shapes-latent families), else SD's scaled-linear betas (0.00085 .. 0.012, 1000 steps)
         through diffusers' scheduler."""
-        from snapc.models import is_trained_family
+        from snapc.families import is_trained_family
 
         if is_trained_family(base):
             from snapc.shapes.schedule import alphas_cumprod
@@ -134,20 +134,6 @@ class ShapesScenes(NoisedBatches):
         return {**super().describe(), "caption_dropout": self.caption_dropout}
 
 
-def family_scenes(base: str, batch_size: int, seed: int, device: torch.device,
-                  caption_dropout: float) -> NoisedBatches:
-    """Return the training scenes of a trained family's base (``shapes``: pixels,
-    ``shapes-latent``: scenes through its frozen encoder); callers check
-    ``snapc.models.is_trained_family(base)`` first."""
-    from snapc.models import is_latent_family
-
-    if is_latent_family(base):
-        from snapc.shapes_latent.family import LatentScenes  # it builds on ShapesScenes
-
-        return LatentScenes(batch_size, seed, device, caption_dropout)
-    return ShapesScenes(batch_size, seed, device, caption_dropout)
-
-
 def load_conditioning(
     path: Path | None, dim: int, length: int, *, random_ok: bool, seed: int = 0,
     n_random: int = 64,
@@ -168,7 +154,7 @@ def load_conditioning(
         return torch.randn(n_random, length, dim, generator=gen), None
     if not path.is_file():
         raise ConditioningError(f"conditioning file not found: {path}")
-    from snapc.models import read_state_dict
+    from snapc.model_io import read_state_dict
 
     try:
         state = read_state_dict(path)

@@ -118,8 +118,9 @@ def checkpoint_folder(out: Path) -> Path:
 def _data_source(base: str, teacher: nn.Module, example: tuple[torch.Tensor, ...],
                  options: RecoveryOptions, train_options: TrainOptions, loss: RecoveryLoss,
                  random_weights: bool, device: torch.device):
-    from snapc.models import is_trained_family
-    from snapc.train.data import TeacherSamples, family_scenes, load_conditioning
+    from snapc.families import is_trained_family
+    from snapc.train.data import TeacherSamples, load_conditioning
+    from snapc.train.scenes import family_scenes
 
     if is_trained_family(base):
         return family_scenes(base, train_options.batch, train_options.seed, device,

@@ -68,7 +68,8 @@ def describe_source(model: str) -> SourceModel:
     Raises SnapcError (one line) for a model step distillation cannot take: another family
     than shapes or shapes-latent, an unknown name, a corrupt record.
     """
-    from snapc.models import MODELS, is_trained_family
+    from snapc.families import is_trained_family
+    from snapc.models import MODELS
     from snapc.pruned import RECORD_FILE, is_pruned_folder, read_record
 
     shipped = Path(__file__).resolve().parent.parent / "weights" / model
@@ -120,7 +121,7 @@ class StepPlan:
     @property
     def latent(self) -> bool:
         """Return whether the source is of the shapes-latent family."""
-        from snapc.models import is_latent_family
+        from snapc.families import is_latent_family
 
         return is_latent_family(self.source.base)
 
@@ -206,7 +207,7 @@ class StepOptions:
             raise SnapcError(f"--start-steps: {exc}") from exc
         if not self.resume:
             check_output_dir(self.out, self.force)
-        from snapc.models import is_latent_family
+        from snapc.families import is_latent_family
 
         # pixels: the sampler takes x0's sign at t = 999 (module notes of snapc.train.steps);
         # latents are not at their clip bound, so the students are sampled with the floor
@@ -292,7 +293,7 @@ def distill_steps(
 
     from snapc.shapes.model import encode_captions
     from snapc.shapes_latent.family import x0_bound
-    from snapc.train.data import family_scenes
+    from snapc.train.scenes import family_scenes
 
     plan = options.check()
     train_options.check()

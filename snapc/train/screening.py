@@ -124,7 +124,7 @@ def full_metric_score(base: str, prompts: int = 100, steps: int = 10
                       ) -> Callable[[nn.Module, torch.device], float] | None:
     """Return the full-metric screening score of a model family (1 - prompt adherence, its
     pictures decoded for shapes-latent), or None for a family without one."""
-    from snapc.models import is_latent_family, is_shapes_family
+    from snapc.families import is_latent_family, is_shapes_family
 
     if is_shapes_family(base):
         return adherence_score(prompts, steps)
