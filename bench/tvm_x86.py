@@ -7,7 +7,10 @@ On this CPU, for MODEL (default ``shapes``) at batch 2, in one process:
                    CPU pipeline leaves (what snapc shipped before them)
   tvm_generic      snapc compile --target x86 as shipped (LLVM generic x86-64, snapc's default
                    CPU schedules: snapc.targets.tvm_cpu_schedule)
-  tvm_native       the same with --mcpu native (LLVM CPU of this machine: AVX2 / AVX-512)
+  tvm_native_libm  the same with --mcpu native (LLVM CPU of this machine: AVX2 / AVX-512)
+                   and the scalar libm exp / erf (TvmOptions.fast_math off)
+  tvm_native       --mcpu native as shipped: exp / erf / sigmoid / softmax / gelu on
+                   vectorizable approximations (snapc.targets.tvm_fast_math)
   tvm_tuned        --mcpu native --tuning RECORDS, the records from ``snapc tune`` (--trials);
                    kernels without a record keep the default schedules
 
@@ -112,6 +115,7 @@ def main() -> None:
         timings["tune_s"] = time.perf_counter() - start
         builds = {"tvm_naive": TvmOptions(target="x86", mcpu="native", cpu_schedules=False),
                   "tvm_generic": TvmOptions(target="x86"),
+                  "tvm_native_libm": TvmOptions(target="x86", mcpu="native", fast_math=False),
                   "tvm_native": TvmOptions(target="x86", mcpu="native"),
                   "tvm_tuned": TvmOptions(target="x86", mcpu="native", tuning=str(records))}
         manifests = {}

@@ -82,6 +82,8 @@ class TvmOptions:
     ``mcpu``: the LLVM CPU of the cpu targets (``native`` is this machine's); None: generic.
     ``cpu_schedules``: on the cpu targets, snapc's default schedules for the kernels no tuning
     record covers (snapc.targets.tvm_cpu_schedule); False builds TVM's naive loop nests.
+    ``fast_math``: on the cpu targets, vectorizable approximations of exp / erf and the
+    activations on them (snapc.targets.tvm_fast_math); False keeps the scalar libm calls.
     """
 
     target: str = "x86"
@@ -96,6 +98,7 @@ class TvmOptions:
     offload: str | None = None
     mcpu: str | None = None
     cpu_schedules: bool = True
+    fast_math: bool = True
 
     def check(self) -> None:
         """Raise a one-line SnapcError for a bad target, offload library or records folder."""
@@ -165,7 +168,8 @@ def _lower_for(spec: TvmTargetSpec, graph: Graph, built: Imported, precision: st
     if spec.device == "cuda" and not options.tensor_cores and precision == "fp16":
         notes.append(TENSOR_CORES_OFF)
     return lower(built.module, target, tensor_cores=options.tensor_cores,
-                 database=database, cpu_schedules=options.cpu_schedules), target
+                 database=database, cpu_schedules=options.cpu_schedules,
+                 fast_math=options.fast_math), target
 
 
 def _write_library(executable: tvm.runtime.Executable, path: Path,

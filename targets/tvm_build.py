@@ -130,22 +130,26 @@ def _backend_pipeline(target: tvm.target.Target) -> ModuleType:
     raise ValueError(f"no TVM Relax pipeline for target {target}")
 
 
-def relax_passes(target: tvm.target.Target,
-                 cpu_schedules: bool = True) -> list[tvm.transform.Pass]:
+def relax_passes(target: tvm.target.Target, cpu_schedules: bool = True,
+                 fast_math: bool = True) -> list[tvm.transform.Pass]:
     """Return TVM's default Relax pipeline for ``target`` as a flat pass list (dlight default
     schedules included for GPU targets). On CPU targets, whose TVM pipeline schedules nothing,
     ``cpu_schedules`` adds snapc's default CPU schedules (snapc.targets.tvm_cpu_schedule)
-    right after legalization, where the GPU pipelines apply dlight's."""
+    right after legalization, where the GPU pipelines apply dlight's, and ``fast_math`` first
+    puts exp / erf / sigmoid / softmax / gelu on vectorizable approximations
+    (snapc.targets.tvm_fast_math)."""
     phases = _backend_pipeline(target)
-    schedule = []
-    if cpu_schedules and target.kind.name == "llvm":
+    schedule, fast = [], []
+    if target.kind.name == "llvm":
         from tvm.s_tir import dlight
 
         from snapc.targets.tvm_cpu_schedule import cpu_rules
+        from snapc.targets.tvm_fast_math import fast_math_passes
 
-        schedule = [dlight.ApplyDefaultSchedule(*cpu_rules())]
-    return (phases.library_dispatch_passes(target) + phases.legalize_passes(target) + schedule
-            + phases.dataflow_lower_passes(target) + phases.finalize_passes(target))
+        schedule = [dlight.ApplyDefaultSchedule(*cpu_rules())] if cpu_schedules else []
+        fast = fast_math_passes() if fast_math else []
+    return (fast + phases.library_dispatch_passes(target) + phases.legalize_passes(target)
+            + schedule + phases.dataflow_lower_passes(target) + phases.finalize_passes(target))
 
 
 def _tir_only(module: tvm.ir.IRModule) -> tvm.ir.IRModule:
@@ -174,6 +178,7 @@ def lower(
     database: Any | None = None,
     stop_at_tuning: bool = False,
     cpu_schedules: bool = True,
+    fast_math: bool = True,
 ) -> Lowered:
     """Return ``module`` lowered by ``relax_passes(target)``; the fused TIR functions are
     snapshotted just before the first dlight schedule pass. ``instruments`` are TVM pass
@@ -182,7 +187,8 @@ def lower(
     MetaSchedule database, applies its tuned schedules (``MetaScheduleApplyDatabase``) where
     ``snapc.targets.tvm_tuning.APPLY_BEFORE`` says; ``stop_at_tuning`` returns the module at
     that point instead (the module ``snapc tune`` extracts its tasks from). ``cpu_schedules``
-    False leaves CPU kernels as TVM's pipeline leaves them (naive loop nests; for comparison).
+    False leaves CPU kernels as TVM's pipeline leaves them (naive loop nests; for comparison);
+    ``fast_math`` False keeps the CPU builds' libm exp / erf (snapc.targets.tvm_fast_math).
 
     The snapshot is a new IRModule: dlight's ApplyDefaultSchedule updates the module it is
     given in place, but PrimFuncs themselves are immutable, so a new module keeps the
@@ -199,7 +205,7 @@ def lower(
     tuned = False
     tuned_kernels = 0
     with tvm.transform.PassContext(opt_level=3, instruments=instruments or []), target:
-        for step in relax_passes(target, cpu_schedules):
+        for step in relax_passes(target, cpu_schedules, fast_math):
             if step.info.name in APPLY_BEFORE and not tuned:
                 tuned = True
                 if stop_at_tuning:
