@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,19 +72,26 @@ def _train_pool(n: int, seed: int, device: torch.device) -> torch.Tensor:
     return sample_codes(n, split="train", generator=gen, device=device)
 
 
-def _batch_codes(pool: torch.Tensor, batch: int, gen: torch.Generator,
-                 two_fraction: float | None) -> torch.Tensor:
-    """Draw a batch of scene codes from ``pool``, ``two_fraction`` of them two-object scenes
-    (None: uniformly from the pool)."""
+def _batch_sampler(pool: torch.Tensor, two_fraction: float | None
+                   ) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """Return ``draw(batch, gen)``: scene codes from ``pool``, ``two_fraction`` of them
+    two-object scenes (None: uniformly from the pool). The pool is split once, here."""
     device = pool.device
-    if two_fraction is None:
+
+    def uniform(batch: int, gen: torch.Generator) -> torch.Tensor:
         return pool[torch.randint(len(pool), (batch,), generator=gen, device=device)]
-    two = pool[pool >= N_OBJECTS]
-    one = pool[pool < N_OBJECTS]
-    pick_two = torch.rand(batch, generator=gen, device=device) < two_fraction
-    return torch.where(pick_two, two[torch.randint(len(two), (batch,), generator=gen,
-                                                   device=device)],
-                       one[torch.randint(len(one), (batch,), generator=gen, device=device)])
+
+    if two_fraction is None:
+        return uniform
+    two, one = pool[pool >= N_OBJECTS], pool[pool < N_OBJECTS]
+
+    def weighted(batch: int, gen: torch.Generator) -> torch.Tensor:
+        pick_two = torch.rand(batch, generator=gen, device=device) < two_fraction
+        return torch.where(
+            pick_two, two[torch.randint(len(two), (batch,), generator=gen, device=device)],
+            one[torch.randint(len(one), (batch,), generator=gen, device=device)])
+
+    return weighted
 
 
 def train_classifier(pool: torch.Tensor, steps: int, seed: int) -> FeatureClassifier:
@@ -158,8 +166,9 @@ def main() -> None:
     t0 = time.time()
     deadline = t0 + 60 * args.minutes
     step, losses, window = 0, [], torch.zeros((), device=device)
+    draw = _batch_sampler(pool, args.two_object_fraction)
     while step < args.steps and time.time() < deadline:
-        codes = _batch_codes(pool, args.batch, gen, args.two_object_fraction)
+        codes = draw(args.batch, gen)
         x0 = render(codes)
         tokens = caption_tokens(codes)
         drop = torch.rand(args.batch, generator=gen, device=device) < args.caption_drop
