@@ -108,13 +108,6 @@ def _tune(graph: Any, args: argparse.Namespace, arch: str, records: Path) -> dic
                     "cost_model": done.summary["cost_model"]}
 
 
-def _tuning_seconds(records: Path) -> float:
-    """The search seconds of every tuning run filed in ``records``' index."""
-    from snapc.targets.tvm_tuning import read_index
-
-    return sum(m.get("search_s", 0.0) for m in read_index(records).get("models", []))
-
-
 def _measure(graph: Any, args: argparse.Namespace, arch: str, records: Path | None,
              build_root: Path) -> tuple[dict[str, list[float]], dict[str, float], dict[str, str]]:
     """Build each variant, verify it, and time it beside eager and torch.compile."""
@@ -209,8 +202,8 @@ def main() -> None:
         if not records.is_dir():
             raise SystemExit(f"error: no tuning records at {records}: run --phase tune first")
         samples, timings, skipped = _measure(graph, args, arch, records, root)
-        timings["tune_s"] = _tuning_seconds(records)
         kept = _records_summary(records)
+        timings["tune_s"] = kept["search_s"]
     eager = statistics.median(samples["eager"])
     rows = {n: {"median_ms": statistics.median(s), "best_ms": min(s),
                 "vs_eager": statistics.median(s) / eager} for n, s in samples.items()}
@@ -234,11 +227,15 @@ def main() -> None:
 
 
 def _records_summary(records: Path) -> dict[str, Any]:
+    """What ``records``' index holds: tuned kernels, workloads, records, the tuning runs and
+    the search seconds of all of them."""
     from snapc.targets.tvm_tuning import read_index
 
     index = read_index(records)
+    runs = index.get("models", [])
     return {"kernels": len(index.get("kernels", {})), "workloads": index.get("workloads"),
-            "records": index.get("records"), "runs": len(index.get("models", []))}
+            "records": index.get("records"), "runs": len(runs),
+            "search_s": sum(m.get("search_s", 0.0) for m in runs)}
 
 
 if __name__ == "__main__":
