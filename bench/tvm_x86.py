@@ -9,8 +9,11 @@ On this CPU, for MODEL (default ``shapes``) at batch 2, in one process:
                    CPU schedules: snapc.targets.tvm_cpu_schedule)
   tvm_native_libm  the same with --mcpu native (LLVM CPU of this machine: AVX2 / AVX-512)
                    and the scalar libm exp / erf (TvmOptions.fast_math off)
+  tvm_native_serial_red  --mcpu native with dlight's Reduction rule for softmax and norms
+                   (one serial add chain per output), snapc's default before VectorReduction
   tvm_native       --mcpu native as shipped: exp / erf / sigmoid / softmax / gelu on
-                   vectorizable approximations (snapc.targets.tvm_fast_math)
+                   vectorizable approximations (snapc.targets.tvm_fast_math), row reductions
+                   on vector partial sums (snapc.targets.tvm_cpu_schedule.VectorReduction)
   tvm_tuned        --mcpu native --tuning RECORDS, the records from ``snapc tune`` (--trials);
                    kernels without a record keep the default schedules
 
@@ -26,14 +29,17 @@ machine. Tuning time is reported. Keep --trials modest on a shared machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -67,6 +73,24 @@ def _tvm_call(folder: Path, inputs: list[np.ndarray]) -> Any:
     args = [tvm.runtime.tensor(a, device) for a in inputs]
     args += [tvm.runtime.tensor(weights[n], device) for n in info["param_order"]]
     return lambda: vm["main"](*args).numpy()
+
+
+@contextlib.contextmanager
+def _rules(without_vector_reduction: bool) -> Iterator[None]:
+    """Build with snapc's CPU rules, or with them minus VectorReduction (the previous default:
+    dlight's Reduction rule takes softmax and norms); the bench's comparison only."""
+    if not without_vector_reduction:
+        yield
+        return
+    from snapc.targets import tvm_cpu_schedule
+
+    shipped = tvm_cpu_schedule.cpu_rules
+
+    def previous() -> list:
+        return [r for r in shipped() if not isinstance(r, tvm_cpu_schedule.VectorReduction)]
+
+    with mock.patch.object(tvm_cpu_schedule, "cpu_rules", previous):
+        yield
 
 
 def main() -> None:
@@ -116,6 +140,7 @@ def main() -> None:
         builds = {"tvm_naive": TvmOptions(target="x86", mcpu="native", cpu_schedules=False),
                   "tvm_generic": TvmOptions(target="x86"),
                   "tvm_native_libm": TvmOptions(target="x86", mcpu="native", fast_math=False),
+                  "tvm_native_serial_red": TvmOptions(target="x86", mcpu="native"),
                   "tvm_native": TvmOptions(target="x86", mcpu="native"),
                   "tvm_tuned": TvmOptions(target="x86", mcpu="native", tuning=str(records))}
         manifests = {}
@@ -123,7 +148,8 @@ def main() -> None:
             folder = root / name
             folder.mkdir()
             start = time.perf_counter()
-            manifest = export(graph, folder, options, progress=print)
+            with _rules(without_vector_reduction=name == "tvm_native_serial_red"):
+                manifest = export(graph, folder, options, progress=print)
             manifest.write(folder)
             manifests[name] = manifest
             timings[f"{name}_build_s"] = time.perf_counter() - start

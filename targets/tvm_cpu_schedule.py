@@ -16,17 +16,25 @@ that a tuning database scheduled are left alone):
   registers), the reduction loops outside the tile, every outer spatial loop fused into one
   parallel loop; the tile's loops unrolled (``vectorize`` refuses a loop under reduction
   loops; LLVM's SLP vectorizer turns the unrolled lanes into vector FMAs).
+- :class:`VectorReduction`, for kernels holding a row reduction (softmax, LayerNorm, GroupNorm:
+  a reduction whose reduced operands are indexed by every output iterator, innermost axis
+  contiguous): the innermost reduction loop is split by the vector width and ``rfactor``-ed
+  into that many partial results, kept in registers under the parallel loop, summed at the
+  end. dlight's ``Reduction`` rule leaves one serial add chain per output (LLVM may not
+  reorder float adds), and recomputes a GroupNorm's statistics once per channel of a group.
 - :class:`Elementwise`, the fallback: each block's spatial loops fused, parallel, the innermost
   part vectorized; other reductions parallel over their spatial loops.
 
-Both inline injective producers into their consumers first, except paddings (materialized, so
+All three inline injective producers into their consumers first, except paddings (materialized, so
 the contraction's inner loop reads contiguous memory without a branch). Schedules keep the
-computation (same reduction order per output element): the artifacts still verify against
-PyTorch as before.
+computation (the contractions keep each output's reduction order; the vector reductions
+add in ``width`` interleaved partial sums, as onnxruntime's and PyTorch's vector kernels do):
+the artifacts still verify against PyTorch as before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tvm import s_tir, tirx
@@ -38,7 +46,7 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
-__all__ = ["Contraction", "Elementwise", "cpu_rules"]
+__all__ = ["Contraction", "VectorReduction", "Elementwise", "cpu_rules"]
 
 ROW_TILES = (4, 2)  # accumulator rows per register tile (x lanes columns)
 
@@ -125,9 +133,50 @@ def _schedule_injective(sch: s_tir.Schedule, loops: list, lanes: int) -> None:
     sch.vectorize(inner)
 
 
-def _schedule_reduction(sch: s_tir.Schedule, loops: list, n_s: int) -> None:
+def _reduction_width(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s: int,
+                     lanes: int) -> int | None:
+    """Vector width for a reduction block's partial sums, else None: its innermost reduction
+    iterator must index the last (contiguous) dimension of a buffer it reads, every buffer it
+    reduces over must be indexed by every spatial iterator (a row reduction such as a norm
+    or softmax sum; a matmul's operands each miss one), and a vector width must divide the
+    innermost loop's extent."""
+    if n_s == len(loops):
+        return None
+    block = sch.get(info.block_rv)
+    spatial = {iv.var for iv in block.iter_vars[:n_s]}
+    inner = block.iter_vars[-1].var
+    reduced = [r for r in block.reads if inner in set().union(*(_vars(d.min) for d in r.region))]
+    if any(not spatial <= set().union(*(_vars(d.min) for d in r.region)) for r in reduced):
+        return None
+    if not any(r.region and inner in _vars(r.region[-1].min) for r in reduced):
+        return None
+    return _divisor(get_extent(sch, loops[-1]), (lanes, lanes // 2, 4))
+
+
+def _schedule_reduction(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s: int,
+                        lanes: int) -> None:
+    """Parallel over the spatial loops; where :func:`_reduction_width` allows, ``width``
+    partial results per output (``rfactor`` of the innermost reduction loop, kept in
+    registers) so the inner loop is vector adds instead of one serial chain per output."""
     outer = sch.fuse(*loops[:n_s]) if n_s > 1 else loops[0]
     sch.parallel(outer)
+    width = _reduction_width(sch, info, loops, n_s, lanes)
+    if width is None:
+        return
+    _, lane = sch.split(loops[-1], factors=[None, width])
+    try:
+        partial = sch.rfactor(lane, 0)
+    except ScheduleError:  # a reducer rfactor does not know: keep the serial chain
+        return
+    inner = sch.get_loops(partial)
+    # The final sum over the lanes under the same parallel loop: the partials then live in
+    # one thread's registers, not in a buffer shared across the loop.
+    sch.reverse_compute_at(info.block_rv, inner[0])
+    init = sch.decompose_reduction(partial, inner[1])
+    sch.unroll(inner[-1])  # the lanes: LLVM's SLP vectorizer makes them one vector add
+    sch.vectorize(sch.get_loops(init)[-1])
+    for index in range(len(sch.get(partial).writes)):
+        sch.set_scope(partial, index, "local")
 
 
 def _schedule_contraction(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s: int,
@@ -151,10 +200,23 @@ def _schedule_contraction(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_
     sch.vectorize(sch.get_loops(accumulators)[-1])
 
 
+def _any_block(sch: s_tir.Schedule, test: Callable[..., Any]) -> bool:
+    """Whether ``test(sch, info, loops, n_s)`` holds for a ``S...S R...R`` block of ``sch``."""
+    for info in normalize_prim_func(sch) or []:
+        split = _split_kinds(info, sch)
+        if split is not None and test(sch, info, *split):
+            return True
+    return False
+
+
 class _BlockwiseRule(CPUScheduleRule):
     """Inline producers, then schedule every remaining block on its own."""
 
-    contraction_only = False
+    tile_contractions = True  # False: reductions are never register-tiled as contractions
+
+    def _applies(self, sch: s_tir.Schedule, lanes: int) -> bool:
+        """Whether this rule takes the kernel (every kernel, unless a subclass narrows it)."""
+        return True
 
     def apply(self, func: tirx.PrimFunc, target: Target,
               _tunable: bool) -> s_tir.Schedule | None:
@@ -163,7 +225,7 @@ class _BlockwiseRule(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         lanes = _lanes(target)
-        if self.contraction_only and not self._has_contraction(sch, lanes):
+        if not self._applies(sch, lanes):
             return None
         infos = _inline_producers(sch)
         if infos is None:
@@ -176,27 +238,31 @@ class _BlockwiseRule(CPUScheduleRule):
             if n_s == len(loops):
                 _schedule_injective(sch, loops, lanes)
                 continue
-            axes = _contraction_axes(sch, info, loops, n_s, lanes)
+            axes = (_contraction_axes(sch, info, loops, n_s, lanes)
+                    if self.tile_contractions else None)
             if axes is None:
-                _schedule_reduction(sch, loops, n_s)
+                _schedule_reduction(sch, info, loops, n_s, lanes)
             else:
                 _schedule_contraction(sch, info, loops, n_s, *axes)
         return sch
-
-    @staticmethod
-    def _has_contraction(sch: s_tir.Schedule, lanes: int) -> bool:
-        infos = normalize_prim_func(sch)
-        for info in infos or []:
-            split = _split_kinds(info, sch)
-            if split is not None and _contraction_axes(sch, info, *split, lanes) is not None:
-                return True
-        return False
 
 
 class Contraction(_BlockwiseRule):
     """Kernels holding a convolution or matmul: register-tiled, parallel (module docstring)."""
 
-    contraction_only = True
+    def _applies(self, sch: s_tir.Schedule, lanes: int) -> bool:
+        return _any_block(sch, lambda *block: _contraction_axes(*block, lanes) is not None)
+
+
+class VectorReduction(_BlockwiseRule):
+    """Kernels holding a reduction over a contiguous axis (softmax, GroupNorm, LayerNorm):
+    partial results in vector registers (module docstring). Its reductions are not
+    contractions (a variance reads the mean it subtracts, which would pass for an operand)."""
+
+    tile_contractions = False
+
+    def _applies(self, sch: s_tir.Schedule, lanes: int) -> bool:
+        return _any_block(sch, lambda *block: _reduction_width(*block, lanes) is not None)
 
 
 class Elementwise(_BlockwiseRule):
@@ -204,8 +270,9 @@ class Elementwise(_BlockwiseRule):
 
 
 def cpu_rules() -> list[CPUScheduleRule]:
-    """The ordered rules of snapc's default CPU schedule: dlight's GEMV, then contractions,
-    dlight's Reduction (softmax, norms), then the elementwise fallback."""
+    """The ordered rules of snapc's default CPU schedule: dlight's GEMV, contractions,
+    vector reductions, dlight's Reduction (other reductions), the elementwise fallback."""
     from tvm.s_tir import dlight
 
-    return [dlight.cpu.GEMV(), Contraction(), dlight.cpu.Reduction(), Elementwise()]
+    return [dlight.cpu.GEMV(), Contraction(), VectorReduction(), dlight.cpu.Reduction(),
+            Elementwise()]

@@ -11,7 +11,12 @@ tvm = pytest.importorskip("tvm", reason="apache-tvm not installed: pip install '
 from tvm import te, topi  # noqa: E402
 from tvm.s_tir import dlight  # noqa: E402
 
-from snapc.targets.tvm_cpu_schedule import Contraction, Elementwise, cpu_rules  # noqa: E402
+from snapc.targets.tvm_cpu_schedule import (  # noqa: E402
+    Contraction,
+    Elementwise,
+    VectorReduction,
+    cpu_rules,
+)
 
 TARGET = tvm.target.Target("llvm")
 
@@ -36,6 +41,21 @@ def _batch_matmul() -> tvm.tirx.PrimFunc:
 def _softmax() -> tvm.tirx.PrimFunc:
     x = te.placeholder((8, 64), name="x")
     return te.create_prim_func([x, topi.nn.softmax(x)])
+
+
+def _group_norm() -> tvm.tirx.PrimFunc:
+    """GroupNorm over (channels of a group, H, W): a two-output (sum, sum of squares) row
+    reduction."""
+    x = te.placeholder((2, 16, 8, 8), name="x")
+    gamma, beta = te.placeholder((16,), name="gamma"), te.placeholder((16,), name="beta")
+    out = topi.nn.group_norm(x, gamma, beta, 4, 1, [2, 3], 1e-5)
+    return te.create_prim_func([x, gamma, beta, out])
+
+
+def _layer_norm() -> tvm.tirx.PrimFunc:
+    x = te.placeholder((2, 12, 64), name="x")
+    gamma, beta = te.placeholder((64,), name="gamma"), te.placeholder((64,), name="beta")
+    return te.create_prim_func([x, gamma, beta, topi.nn.layer_norm(x, gamma, beta, [2], 1e-5)])
 
 
 def _transpose() -> tvm.tirx.PrimFunc:
@@ -68,9 +88,27 @@ def test_contraction_takes_conv_and_matmul_but_not_softmax_or_copies() -> None:
     rule = Contraction()
     assert rule.apply(_conv_bias(), TARGET, False) is not None
     assert rule.apply(_batch_matmul(), TARGET, False) is not None
-    assert rule.apply(_softmax(), TARGET, False) is None  # dlight's Reduction rule's
+    assert rule.apply(_softmax(), TARGET, False) is None  # VectorReduction's
     assert rule.apply(_transpose(), TARGET, False) is None
     assert Elementwise().apply(_transpose(), TARGET, False) is not None
+
+
+def test_vector_reduction_takes_row_reductions_but_not_matmuls() -> None:
+    rule = VectorReduction()
+    for make in (_softmax, _layer_norm, _group_norm):
+        assert rule.apply(make(), TARGET, False) is not None, make.__name__
+    assert rule.apply(_batch_matmul(), TARGET, False) is None  # each operand misses an axis
+    assert rule.apply(_transpose(), TARGET, False) is None
+
+
+@pytest.mark.parametrize("make", [_softmax, _layer_norm, _group_norm])
+def test_row_reductions_keep_vector_partials_in_registers(make) -> None:
+    script = _schedule(make()).script()
+    assert "_rf_init" in script and "_rf_update" in script  # rfactor: lanes of partials
+    assert 'scope="local"' in script and "T.parallel(" in script
+    update = script.split("_rf_update")[1].split("T.sblock(")[0]
+    assert "T.unroll(" not in update  # the unrolled lane loop is the block's innermost...
+    assert "T.unroll(" in script.split("_rf_update")[0].rsplit("for ", 1)[1]  # ...loop
 
 
 def test_conv_schedule_is_parallel_register_tiled_and_padding_stays_apart() -> None:
@@ -86,6 +124,8 @@ def test_conv_schedule_is_parallel_register_tiled_and_padding_stays_apart() -> N
     (_conv_bias, [(2, 8, 16, 16), (12, 8, 3, 3), (1, 12, 1, 1)], (2, 12, 16, 16)),
     (_batch_matmul, [(4, 32, 20), (4, 20, 24)], (4, 32, 24)),
     (_softmax, [(8, 64)], (8, 64)),
+    (_layer_norm, [(2, 12, 64), (64,), (64,)], (2, 12, 64)),
+    (_group_norm, [(2, 16, 8, 8), (16,), (16,)], (2, 16, 8, 8)),
     (_transpose, [(4, 16, 32)], (4, 32, 16)),
 ])
 def test_scheduled_kernels_compute_what_the_naive_nest_computes(make, shapes, out) -> None:
