@@ -114,7 +114,7 @@ def _contraction_axes(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s: i
         return None
     operands = [r for r in block.reads if not r.source.same_as(out.source)]
     contiguous = [r for r in operands if r.region and vec in _vars(r.region[-1].min)]
-    width = _divisor(get_extent(sch, loops[n_s - 1]), (4 * lanes, 2 * lanes, lanes, lanes // 2))
+    width = _divisor(get_extent(sch, loops[n_s - 1]), (4 * lanes, 2 * lanes, lanes, lanes // 2, 4))
     if not contiguous or width is None:
         return None
     used = set().union(*(_vars(d.min) for r in contiguous for d in r.region))
