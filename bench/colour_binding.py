@@ -50,9 +50,9 @@ def _two_colour_codes(n: int) -> torch.Tensor:
 
 def _swapped(code: int) -> int:
     """The scene code with the two objects' colours exchanged."""
-    from snapc.shapes.data import N_OBJECTS
+    from snapc.shapes.data import COLOURS, N_OBJECTS
 
-    per_colour = N_OBJECTS // 7  # 72 objects of each colour: o = colour * 72 + rest
+    per_colour = N_OBJECTS // len(COLOURS)  # object o = colour * per_colour + the rest
     first, second = divmod(code - N_OBJECTS, N_OBJECTS)
     c1, c2 = first // per_colour, second // per_colour
     first += (c2 - c1) * per_colour
