@@ -9,11 +9,13 @@ On this CPU, for MODEL (default ``shapes``) at batch 2, in one process:
                    CPU schedules: snapc.targets.tvm_cpu_schedule)
   tvm_native_libm  the same with --mcpu native (LLVM CPU of this machine: AVX2 / AVX-512)
                    and the scalar libm exp / erf (TvmOptions.fast_math off)
-  tvm_native_serial_red  --mcpu native with dlight's Reduction rule for softmax and norms
-                   (one serial add chain per output), snapc's default before VectorReduction
+  tvm_native_before  --mcpu native with snapc's earlier CPU schedules: dlight's Reduction
+                   rule for softmax and norms (one serial add chain per output) and register
+                   tiles of at most 4 rows (not WIDE_ROW_TILES)
   tvm_native       --mcpu native as shipped: exp / erf / sigmoid / softmax / gelu on
                    vectorizable approximations (snapc.targets.tvm_fast_math), row reductions
-                   on vector partial sums (snapc.targets.tvm_cpu_schedule.VectorReduction)
+                   on vector partial sums (snapc.targets.tvm_cpu_schedule.VectorReduction),
+                   up to 8-row register tiles with 512-bit vectors
   tvm_tuned        --mcpu native --tuning RECORDS, the records from ``snapc tune`` (--trials);
                    kernels without a record keep the default schedules
 
@@ -76,10 +78,10 @@ def _tvm_call(folder: Path, inputs: list[np.ndarray]) -> Any:
 
 
 @contextlib.contextmanager
-def _rules(without_vector_reduction: bool) -> Iterator[None]:
-    """Build with snapc's CPU rules, or with them minus VectorReduction (the previous default:
-    dlight's Reduction rule takes softmax and norms); the bench's comparison only."""
-    if not without_vector_reduction:
+def _schedules(earlier: bool) -> Iterator[None]:
+    """Build with snapc's CPU schedules, or with the earlier ones (no VectorReduction, so
+    dlight's Reduction rule takes softmax and norms; 4-row tiles); the bench's comparison."""
+    if not earlier:
         yield
         return
     from snapc.targets import tvm_cpu_schedule
@@ -89,7 +91,8 @@ def _rules(without_vector_reduction: bool) -> Iterator[None]:
     def previous() -> list:
         return [r for r in shipped() if not isinstance(r, tvm_cpu_schedule.VectorReduction)]
 
-    with mock.patch.object(tvm_cpu_schedule, "cpu_rules", previous):
+    with mock.patch.object(tvm_cpu_schedule, "cpu_rules", previous), \
+            mock.patch.object(tvm_cpu_schedule, "WIDE_ROW_TILES", tvm_cpu_schedule.ROW_TILES):
         yield
 
 
@@ -140,7 +143,7 @@ def main() -> None:
         builds = {"tvm_naive": TvmOptions(target="x86", mcpu="native", cpu_schedules=False),
                   "tvm_generic": TvmOptions(target="x86"),
                   "tvm_native_libm": TvmOptions(target="x86", mcpu="native", fast_math=False),
-                  "tvm_native_serial_red": TvmOptions(target="x86", mcpu="native"),
+                  "tvm_native_before": TvmOptions(target="x86", mcpu="native"),
                   "tvm_native": TvmOptions(target="x86", mcpu="native"),
                   "tvm_tuned": TvmOptions(target="x86", mcpu="native", tuning=str(records))}
         manifests = {}
@@ -148,7 +151,7 @@ def main() -> None:
             folder = root / name
             folder.mkdir()
             start = time.perf_counter()
-            with _rules(without_vector_reduction=name == "tvm_native_serial_red"):
+            with _schedules(earlier=name == "tvm_native_before"):
                 manifest = export(graph, folder, options, progress=print)
             manifest.write(folder)
             manifests[name] = manifest

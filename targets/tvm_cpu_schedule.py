@@ -44,11 +44,15 @@ from tvm.s_tir.dlight.base import get_extent
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
+from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
 __all__ = ["Contraction", "VectorReduction", "Elementwise", "cpu_rules"]
 
 ROW_TILES = (4, 2)  # accumulator rows per register tile (x lanes columns)
+# With AVX-512 (32 vector registers) a tile at most two vectors wide takes up to 8 rows: 16
+# accumulators, where 4 rows left the 8x8 and 16x16 convolutions of shapes at 115-205
+# GFLOP/s (180-280 with 8 rows; per-kernel timing on a Zen 5, bench/RESULTS.md "TVM x86").
+WIDE_ROW_TILES = (8, 4, 2)
 
 
 def _lanes(target: Target) -> int:
@@ -179,12 +183,22 @@ def _schedule_reduction(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s:
         sch.set_scope(partial, index, "local")
 
 
+def _row_tiles(target: Target, width: int, lanes: int) -> tuple[int, ...]:
+    """Row counts to try for a register tile ``width`` fp32 columns wide on ``target``.
+
+    Asks for AVX-512 by name: ``llvm_get_vector_width`` reports this host's width for any x86
+    target (512 for a generic x86-64 build on an AVX-512 machine), so ``lanes`` cannot say.
+    """
+    wide = target_has_features("avx512f", target) and width <= 2 * lanes
+    return WIDE_ROW_TILES if wide else ROW_TILES
+
+
 def _schedule_contraction(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s: int,
-                          width: int, row: int | None) -> None:
+                          row_tiles: tuple[int, ...], width: int, row: int | None) -> None:
     spatial, reduction = loops[:n_s], loops[n_s:]
     col_outer, col = sch.split(spatial[-1], factors=[None, width])
     outer, tile = list(spatial[:-1]), [col]
-    rows = _divisor(get_extent(sch, spatial[row]), ROW_TILES) if row is not None else None
+    rows = _divisor(get_extent(sch, spatial[row]), row_tiles) if row is not None else None
     if rows is not None:
         outer[row], row_inner = sch.split(spatial[row], factors=[None, rows])
         tile = [row_inner, col]
@@ -243,7 +257,8 @@ class _BlockwiseRule(CPUScheduleRule):
             if axes is None:
                 _schedule_reduction(sch, info, loops, n_s, lanes)
             else:
-                _schedule_contraction(sch, info, loops, n_s, *axes)
+                _schedule_contraction(sch, info, loops, n_s,
+                                      _row_tiles(target, axes[0], lanes), *axes)
         return sch
 
 

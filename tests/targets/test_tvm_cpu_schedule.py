@@ -3,6 +3,8 @@ what the schedule looks like, and that it computes what the naive loop nest comp
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -109,6 +111,23 @@ def test_row_reductions_keep_vector_partials_in_registers(make) -> None:
     update = script.split("_rf_update")[1].split("T.sblock(")[0]
     assert "T.unroll(" not in update  # the unrolled lane loop is the block's innermost...
     assert "T.unroll(" in script.split("_rf_update")[0].rsplit("for ", 1)[1]  # ...loop
+
+
+def _conv16() -> tvm.tirx.PrimFunc:
+    data = te.placeholder((2, 8, 16, 16), name="data")
+    weight = te.placeholder((16, 8, 3, 3), name="weight")
+    return te.create_prim_func([data, weight, topi.nn.conv2d_nchw(data, weight, 1, 1, 1)])
+
+
+@pytest.mark.parametrize("mcpu, rows", [("znver4", 8), ("haswell", 4), ("x86-64", 4)])
+def test_register_tile_takes_8_rows_only_with_avx512(mcpu, rows) -> None:
+    """Scheduling only (nothing runs): 16 output channels (the rows), 16 columns."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    with target:
+        script = dlight.ApplyDefaultSchedule(*cpu_rules())(
+            tvm.IRModule({"main": _conv16()}))["main"].script()
+    unrolled = set(re.findall(r"T\.unroll\((?:T\.int64\()?(\d+)", script))
+    assert unrolled == {str(rows), "16"}
 
 
 def test_conv_schedule_is_parallel_register_tiled_and_padding_stays_apart() -> None:
