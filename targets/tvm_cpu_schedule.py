@@ -13,9 +13,10 @@ that a tuning database scheduled are left alone):
 - :class:`Contraction`, for kernels holding a convolution or matmul (a ``S...S R...R`` block
   whose innermost spatial axis is contiguous in its output and in one operand): a register tile
   of ``rows x lanes`` accumulators (a ``local`` cache the LLVM backend keeps in vector
-  registers), the reduction loops outside the tile, every outer spatial loop fused into one
-  parallel loop; the tile's loops unrolled (``vectorize`` refuses a loop under reduction
-  loops; LLVM's SLP vectorizer turns the unrolled lanes into vector FMAs).
+  registers; up to 8 rows with AVX-512's 32 registers, else 4), the reduction loops outside
+  the tile, every outer spatial loop fused into one parallel loop; the tile's loops unrolled
+  (``vectorize`` refuses a loop under reduction loops; LLVM's SLP vectorizer turns the
+  unrolled lanes into vector FMAs).
 - :class:`VectorReduction`, for kernels holding a row reduction (softmax, LayerNorm, GroupNorm:
   a reduction whose reduced operands are indexed by every output iterator, innermost axis
   contiguous): the innermost reduction loop is split by the vector width and ``rfactor``-ed
