@@ -57,8 +57,16 @@ WIDE_ROW_TILES = (8, 4, 2)
 
 
 def _lanes(target: Target) -> int:
-    """fp32 lanes of one vector register of ``target`` (128-bit when LLVM does not say)."""
-    bits = llvm_get_vector_width(target)
+    """fp32 lanes of one vector register of ``target`` (128-bit when LLVM does not say).
+
+    x86 by its CPU features: ``llvm_get_vector_width`` answers with this host's width for
+    any x86 target, so a generic x86-64 (SSE2) build made on an AVX-512 machine would be
+    tiled for 16 lanes."""
+    if target_has_features("sse2", target):
+        bits = 512 if target_has_features("avx512f", target) else (
+            256 if target_has_features("avx", target) else 128)
+    else:
+        bits = llvm_get_vector_width(target)
     return max((bits if bits > 0 else 128) // 32, 4)
 
 
@@ -187,8 +195,7 @@ def _schedule_reduction(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s:
 def _row_tiles(target: Target, width: int, lanes: int) -> tuple[int, ...]:
     """Row counts to try for a register tile ``width`` fp32 columns wide on ``target``.
 
-    Asks for AVX-512 by name: ``llvm_get_vector_width`` reports this host's width for any x86
-    target (512 for a generic x86-64 build on an AVX-512 machine), so ``lanes`` cannot say.
+    32 vector registers: AVX-512 (``lanes`` 16 could also be a wide Arm SVE target).
     """
     wide = target_has_features("avx512f", target) and width <= 2 * lanes
     return WIDE_ROW_TILES if wide else ROW_TILES

@@ -113,6 +113,17 @@ def test_row_reductions_keep_vector_partials_in_registers(make) -> None:
     assert "T.unroll(" in script.split("_rf_update")[0].rsplit("for ", 1)[1]  # ...loop
 
 
+@pytest.mark.parametrize("target, lanes", [
+    ({"kind": "llvm", "mcpu": "x86-64"}, 4), ({"kind": "llvm", "mcpu": "haswell"}, 8),
+    ({"kind": "llvm", "mcpu": "znver4"}, 16),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, 4),
+])
+def test_vector_lanes_are_the_targets_not_this_hosts(target, lanes) -> None:
+    from snapc.targets.tvm_cpu_schedule import _lanes
+
+    assert _lanes(tvm.target.Target(target)) == lanes
+
+
 def _conv16() -> tvm.tirx.PrimFunc:
     data = te.placeholder((2, 8, 16, 16), name="data")
     weight = te.placeholder((16, 8, 3, 3), name="weight")
