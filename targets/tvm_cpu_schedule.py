@@ -81,6 +81,11 @@ def _vars(expr: Any) -> set:
     return set(collect_vars_used_in_prim_expr(expr))
 
 
+def _region_vars(region: Any) -> set:
+    """The variables a buffer region's indices use."""
+    return set().union(*(_vars(d.min) for d in region.region))
+
+
 def _inline_producers(sch: s_tir.Schedule) -> list[SBlockInfo] | None:
     """Inline every injective non-padding block but the last; return the blocks left."""
     infos = normalize_prim_func(sch)
@@ -130,7 +135,7 @@ def _contraction_axes(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s: i
     width = _divisor(get_extent(sch, loops[n_s - 1]), (4 * lanes, 2 * lanes, lanes, lanes // 2, 4))
     if not contiguous or width is None:
         return None
-    used = set().union(*(_vars(d.min) for r in contiguous for d in r.region))
+    used = set().union(*(_region_vars(r) for r in contiguous))
     row = next((i for i in reversed(range(n_s - 1)) if iters[i] not in used), None)
     return width, row
 
@@ -158,10 +163,10 @@ def _reduction_width(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s: in
     block = sch.get(info.block_rv)
     spatial = {iv.var for iv in block.iter_vars[:n_s]}
     inner = block.iter_vars[-1].var
-    reduced = [r for r in block.reads if inner in set().union(*(_vars(d.min) for d in r.region))]
-    if any(not spatial <= set().union(*(_vars(d.min) for d in r.region)) for r in reduced):
+    reduced = [(r, used) for r in block.reads if inner in (used := _region_vars(r))]
+    if any(not spatial <= used for _, used in reduced):
         return None
-    if not any(r.region and inner in _vars(r.region[-1].min) for r in reduced):
+    if not any(r.region and inner in _vars(r.region[-1].min) for r, _ in reduced):
         return None
     return _divisor(get_extent(sch, loops[-1]), (lanes, lanes // 2, 4))
 
@@ -192,13 +197,10 @@ def _schedule_reduction(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s:
         sch.set_scope(partial, index, "local")
 
 
-def _row_tiles(target: Target, width: int, lanes: int) -> tuple[int, ...]:
-    """Row counts to try for a register tile ``width`` fp32 columns wide on ``target``.
-
-    32 vector registers: AVX-512 (``lanes`` 16 could also be a wide Arm SVE target).
-    """
-    wide = target_has_features("avx512f", target) and width <= 2 * lanes
-    return WIDE_ROW_TILES if wide else ROW_TILES
+def _row_tiles(avx512: bool, width: int, lanes: int) -> tuple[int, ...]:
+    """Row counts to try for a register tile ``width`` fp32 columns wide: WIDE_ROW_TILES
+    needs AVX-512's 32 vector registers, asked by feature (``lanes`` cannot tell them)."""
+    return WIDE_ROW_TILES if avx512 and width <= 2 * lanes else ROW_TILES
 
 
 def _schedule_contraction(sch: s_tir.Schedule, info: SBlockInfo, loops: list, n_s: int,
@@ -249,6 +251,7 @@ class _BlockwiseRule(CPUScheduleRule):
         lanes = _lanes(target)
         if not self._applies(sch, lanes):
             return None
+        avx512 = target_has_features("avx512f", target)
         infos = _inline_producers(sch)
         if infos is None:
             return None
@@ -266,7 +269,7 @@ class _BlockwiseRule(CPUScheduleRule):
                 _schedule_reduction(sch, info, loops, n_s, lanes)
             else:
                 _schedule_contraction(sch, info, loops, n_s,
-                                      _row_tiles(target, axes[0], lanes), *axes)
+                                      _row_tiles(avx512, axes[0], lanes), *axes)
         return sch
 
 
