@@ -31,7 +31,7 @@ step-distilled shapes-latent students, :mod:`snapc.train.steps`) is sampled with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -148,6 +148,7 @@ def sample(
     spacing: str = "linspace",
     guidance_embedded: bool = False,
     alpha_floor: float = 0.0,
+    timesteps: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Return (B, 3, 32, 32) images in [-1, 1] sampled with DDIM (eta 0) from B contexts.
 
@@ -159,6 +160,9 @@ def sample(
     :func:`ddim_timesteps`). guidance_embedded: the denoiser has guidance built in; it is
     called once per step on `context`, and uncond_context and guidance are not used.
     alpha_floor: the x0 estimate divides by max(sqrt(alpha_bar), alpha_floor) (module notes).
+    timesteps: descending timesteps to run instead of ``ddim_timesteps(steps, spacing)``, with
+    `noise` the sample at the first of them (a trajectory started part-way, from a noised
+    image).
     """
     b = context.shape[0]
     if noise is None:
@@ -169,7 +173,7 @@ def sample(
         uncond_context = None
     if uncond_context is not None:
         uncond_context = uncond_context.expand(b, *context.shape[1:])
-    times = ddim_timesteps(steps, spacing)
+    times = list(timesteps) if timesteps is not None else ddim_timesteps(steps, spacing)
     x0 = x
     for i, t in enumerate(times):
         if uncond_context is None:
