@@ -5,10 +5,10 @@ wheel (100 MB) is over the 64 MiB that one call can carry. So the work is split:
 
 1. ``prepare`` (here, where TVM and nvcc are): compile with snapc's TVM ``cuda`` target (sm_90)
    the ``tiny`` UNet at the target's default fp32 (the correctness check) and the ``sd15`` UNet
-   at fp16 (the timing), then pack what the GPU side needs: each ``model.so`` (host code and
-   kernel source), ``cuda_kernels.cubin`` (the kernels, compiled here by nvcc) and
-   ``manifest.json``, TVM's runtime-only Python package (no
-   libtvm_compiler.so), the cp312 ``apache-tvm-ffi`` wheel and the diffusers wheel. Weights are
+   at fp16 twice, SIMT and tensor-core matmuls (the timing), then pack what the GPU side
+   needs: each ``model.so`` (host code and kernel source), ``cuda_kernels.cubin`` (the
+   kernels, compiled here by nvcc) and ``manifest.json``, TVM's runtime-only Python package
+   (no libtvm_compiler.so), the cp312 ``apache-tvm-ffi`` wheel and the diffusers wheel. Weights are
    not carried: the GPU side rebuilds the same random-weight UNets and feeds their state dicts
    to TVM by each manifest's ``param_sources``.
 
@@ -16,8 +16,9 @@ wheel (100 MB) is over the 64 MiB that one call can carry. So the work is split:
 
 2. ``run`` (on the GPU machine): unpack the bundle into a temp folder; check that ``tiny``
    through TVM CUDA fp32 matches PyTorch fp32 on the GPU (PSNR >= 60 dB, else exit 1); then time
-   PyTorch eager fp16 and TVM fp16 on sd15 with the same inputs and weights, and compare both
-   outputs with PyTorch fp32. Prints a markdown table and one JSON line.
+   PyTorch eager fp16 and both TVM fp16 builds on sd15 with the same inputs and weights,
+   interleaved in rounds, and compare every output with PyTorch fp32 (a TVM build below the
+   target's 30 dB fp16 gate fails the run). Prints a markdown table and one JSON line.
 
        python3 bench/tvm_cuda.py run --bundle .whl/tvm_cuda
 """
@@ -34,13 +35,17 @@ import sys
 import tarfile
 import tempfile
 import time
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CARRY_LIMIT = 64 * 2**20
-TVM_FFI = "apache-tvm-ffi==0.1.15.post2"
+# the pinned apache-tvm-ffi of pyproject's `tvm` extra (0.1.15 segfaults in TVM 0.27's
+# ToJSONGraph: MetaSchedule records and every tensor-core Tensorize)
+TVM_FFI = next(d for d in tomllib.loads((REPO / "pyproject.toml").read_text())
+               ["project"]["optional-dependencies"]["tvm"] if d.startswith("apache-tvm-ffi"))
 DIFFUSERS = "diffusers==0.42.1"
 
 
@@ -58,7 +63,12 @@ def _runtime_tarball(bundle: Path) -> None:
         tar.add(package, arcname="tvm", filter=keep)
 
 
-BUILDS = (("tiny", "fp32"), ("sd15", "fp16"))  # (model, precision): check, then timing
+# (bundle folder, model, precision, tensor cores): the check, then the timed builds
+BUILDS = (("tiny", "tiny", "fp32", False), ("sd15", "sd15", "fp16", False),
+          ("sd15_tc", "sd15", "fp16", True))
+TIMED = {"sd15": "TVM CUDA, dlight default schedules, fp16 (SIMT matmuls)",
+         "sd15_tc": "TVM CUDA, dlight default schedules, fp16, tensor cores (WMMA)"}
+FP16_GATE_DB = 30.0  # the TVM target's own gate for fp16 builds against PyTorch fp32
 
 
 def prepare(bundle: Path, build_root: Path) -> None:
@@ -73,20 +83,24 @@ def prepare(bundle: Path, build_root: Path) -> None:
     if bundle.exists():
         shutil.rmtree(bundle)
     bundle.mkdir(parents=True)
-    for model, precision in BUILDS:
+    for label, model, precision, tensor_cores in BUILDS:
         loaded = load_model(model)
         graph = trace(loaded.module, loaded.example_inputs, loaded.info)
         del loaded
-        folder = build_root / f"tvm_cuda_{model}"
+        folder = build_root / f"tvm_cuda_{label}"
+        options = TvmOptions(target="cuda", precision=precision, tensor_cores=tensor_cores)
         with atomic_output_dir(folder, force=True) as tmp:
-            manifest = export(graph, tmp, TvmOptions(target="cuda", precision=precision),
-                              lambda msg, name=model: print(
-                                  f"[{time.perf_counter() - start:6.0f} s] {name}: {msg}",
-                                  flush=True))
+            manifest = export(graph, tmp, options, lambda msg, name=label: print(
+                f"[{time.perf_counter() - start:6.0f} s] {name}: {msg}", flush=True))
             manifest.write(tmp)
-        (bundle / model).mkdir()
+        kernels = manifest.extra["tvm"]["cuda_kernels"]
+        if tensor_cores and not kernels["tensor_core_kernels"]:
+            raise SystemExit(f"{label}: no kernel uses tensor cores ({manifest.notes})")
+        print(f"{label}: {kernels['kernels']} kernels, {kernels['tensor_core_kernels']} on "
+              "tensor cores", flush=True)
+        (bundle / label).mkdir()
         for name in ("model.so", "manifest.json", CUBIN):
-            shutil.copyfile(folder / name, bundle / model / name)
+            shutil.copyfile(folder / name, bundle / label / name)
     _runtime_tarball(bundle)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                     "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64",
@@ -159,10 +173,13 @@ def _unet_and_weights(folder: Path) -> tuple[Any, tuple, dict, dict]:
     net = UNet2DConditionModel(**config).eval()
     inputs = unet_example_inputs(config, batch=shapes["sample"][0], latent=shapes["sample"][-1],
                                  context_len=shapes["encoder_hidden_states"][1])
-    state = net.state_dict()
-    weights = {name: state[info["param_sources"][name].removeprefix("net.")]
-               .numpy().astype(info["param_dtypes"][name]) for name in info["param_order"]}
-    return net, inputs, info, weights
+    return net, inputs, info, _tvm_weights(net.state_dict(), info)
+
+
+def _tvm_weights(state: dict, info: dict) -> dict:
+    """Return a build's TVM weights (by its manifest's TVM info) from the UNet's state dict."""
+    return {name: state[info["param_sources"][name].removeprefix("net.")]
+            .numpy().astype(info["param_dtypes"][name]) for name in info["param_order"]}
 
 
 def _tvm_module(folder: Path, inputs: tuple, info: dict, weights: dict) -> tuple[Any, list]:
@@ -195,14 +212,17 @@ def check_tiny(folder: Path) -> dict:
             "passed": numerics.passes(60.0), **numerics.to_json()}
 
 
-def time_sd15(folder: Path, repeat: int) -> dict:
-    """Time PyTorch eager fp16 and TVM (fp16 dlight) on one GPU; return the numbers."""
+def time_sd15(folders: dict[str, Path], repeat: int, rounds: int = 3) -> dict:
+    """Time PyTorch eager fp16 and each TVM fp16 build of ``folders`` (label -> bundle folder,
+    all of the same seed-0 sd15) on one GPU, interleaved in ``rounds``; compare every output
+    with PyTorch fp32. Returns the numbers."""
     import numpy as np
     import torch
 
     from snapc.numerics import compare
 
-    net, inputs, info, weights = _unet_and_weights(folder)
+    net, inputs, info, _ = _unet_and_weights(next(iter(folders.values())))
+    state = {k: v.clone() for k, v in net.state_dict().items()}  # before .half() below
     torch.backends.cudnn.allow_tf32 = False  # an fp32 reference, not a TF32 one
     torch.backends.cuda.matmul.allow_tf32 = False
     gpu = torch.device("cuda")
@@ -213,24 +233,41 @@ def time_sd15(folder: Path, repeat: int) -> dict:
         net16 = net32.half()
         half_inputs = [t.half() if t.is_floating_point() else t for t in cuda_inputs]
         torch_out = net16(*half_inputs, return_dict=False)[0].float().cpu()
-        torch_ms = _cuda_ms(lambda: net16(*half_inputs, return_dict=False), 3, repeat)
-    net = net16 = net32 = None  # free the GPU for TVM
-    torch.cuda.empty_cache()
-
-    vm, args = _tvm_module(folder, inputs, info, weights)
-    tvm_out = vm["main"](*args).numpy()
-    timer = vm.time_evaluator("main", args[0].device, number=1, repeat=repeat, min_repeat_ms=0)
-    tvm_ms = [r * 1000.0 for r in timer(*args).results]
-    torch_median, tvm_median = float(np.median(torch_ms)), float(np.median(tvm_ms))
-    return {
+    net = net32 = None
+    builds = {}
+    for label, folder in folders.items():
+        build_info = json.loads((folder / "manifest.json").read_text())["extra"]["tvm"]
+        vm, args = _tvm_module(folder, inputs, build_info, _tvm_weights(state, build_info))
+        out = np.asarray(vm["main"](*args).numpy(), np.float32)
+        numerics = compare(reference, out).to_json()
+        builds[label] = {"vm": vm, "args": args, "ms": [], "numerics": numerics,
+                         "tensor_core_kernels": build_info["cuda_kernels"]["tensor_core_kernels"],
+                         "kernels": build_info["cuda_kernels"]["kernels"]}
+    torch_ms: list[float] = []
+    for _ in range(rounds):  # interleaved, so drift of clocks and load hits every variant
+        with torch.no_grad():
+            torch_ms += _cuda_ms(lambda: net16(*half_inputs, return_dict=False), 3, repeat)
+        for build in builds.values():
+            timer = build["vm"].time_evaluator("main", build["args"][0].device, number=1,
+                                               repeat=repeat, min_repeat_ms=0)
+            build["ms"] += [r * 1000.0 for r in timer(*build["args"]).results]
+    torch_median = float(np.median(torch_ms))
+    result = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "tvm": info["version"], "tvm_target": info["target"], "precision": info["precision"],
-        "inputs": [list(t.shape) for t in inputs], "repeat": repeat,
-        "torch_eager_fp16_ms": round(torch_median, 2), "tvm_dlight_fp16_ms": round(tvm_median, 2),
-        "tvm_over_torch": round(tvm_median / torch_median, 2),
-        "torch_fp16_vs_fp32": compare(reference, torch_out).to_json(),
-        "tvm_fp16_vs_torch_fp32": compare(reference, np.asarray(tvm_out, np.float32)).to_json(),
+        "inputs": [list(t.shape) for t in inputs], "repeat": repeat, "rounds": rounds,
+        "torch_eager_fp16_ms": round(torch_median, 2),
+        "torch_fp16_vs_fp32": compare(reference, torch_out).to_json(), "builds": {},
     }
+    for label, build in builds.items():
+        median = float(np.median(build["ms"]))
+        result["builds"][label] = {
+            "name": TIMED[label], "median_ms": round(median, 2),
+            "over_torch": round(median / torch_median, 2),
+            "kernels": build["kernels"], "tensor_core_kernels": build["tensor_core_kernels"],
+            "vs_torch_fp32": build["numerics"],
+            "passed": build["numerics"]["psnr_db"] >= FP16_GATE_DB}
+    return result
 
 
 def main() -> None:
@@ -262,13 +299,19 @@ def main() -> None:
     print(json.dumps(check))
     if not check["passed"]:
         raise SystemExit(f"tiny through TVM CUDA: PSNR {check['psnr_db']:.1f} dB < 60 dB")
-    result = time_sd15(bundle / "sd15", args.repeat)
-    print("| SD-1.5 UNet, batch 1, 64x64 latent | median ms |")
-    print("| --- | --- |")
-    print(f"| PyTorch {result['torch']} eager fp16 | {result['torch_eager_fp16_ms']} |")
-    print(f"| TVM {result['tvm']} CUDA, dlight default schedules, fp16 | "
-          f"{result['tvm_dlight_fp16_ms']} ({result['tvm_over_torch']}x) |")
+    result = time_sd15({label: bundle / label for label in TIMED}, args.repeat)
+    print(f"GPU: {result['gpu']}")
+    print("| SD-1.5 UNet, batch 1, 64x64 latent | median ms | vs eager | PSNR vs fp32 |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| PyTorch {result['torch']} eager fp16 | {result['torch_eager_fp16_ms']} | 1.00x | "
+          f"{result['torch_fp16_vs_fp32']['psnr_db']:.1f} dB |")
+    for build in result["builds"].values():
+        print(f"| {build['name']} | {build['median_ms']} | {build['over_torch']}x | "
+              f"{build['vs_torch_fp32']['psnr_db']:.1f} dB |")
     print(json.dumps(result))
+    failed = [label for label, build in result["builds"].items() if not build["passed"]]
+    if failed:
+        raise SystemExit(f"{', '.join(failed)}: output below {FP16_GATE_DB} dB vs PyTorch fp32")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,13 @@ def compile_cmd(
              "dnnl (x86)")] = None,
     mcpu: Annotated[str | None, typer.Option(
         help="TVM cpu targets: LLVM CPU (native: this machine's)")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="TVM targets: fp16 or fp32 compute (default: fp16 on mali/adreno, else fp32)")]
+    = None,
+    tensor_cores: Annotated[bool | None, typer.Option(
+        "--tensor-cores/--no-tensor-cores",
+        help="TVM cuda at --precision fp16: tensor-core (WMMA) schedules for matmuls and "
+             "convolutions")] = None,
 ) -> None:
     """Compile MODEL for a target; exit 0 only when the artifact verified.
 
@@ -140,7 +147,8 @@ def compile_cmd(
               "compute_units": coreml_compute_units, "attention": coreml_attention,
               "verifier": coreml_verifier}
     given = [f"--coreml-{k.replace('_', '-')}" for k, v in coreml.items() if v is not None]
-    tvm = {"tuning": str(tuning) if tuning else None, "offload": offload, "mcpu": mcpu}
+    tvm = {"tuning": str(tuning) if tuning else None, "offload": offload, "mcpu": mcpu,
+           "precision": precision, "tensor_cores": tensor_cores}
     options = CompileOptions(model=model, target=target, out=output, arch=arch,
                              remove=tuple(remove or ()), latent=latent, batch=batch,
                              force=force, seed=seed, search=search, fusions=fusions,
@@ -148,7 +156,7 @@ def compile_cmd(
                              target_options={k: v for k, v in {**coreml, **tvm}.items()
                                              if v is not None})
     try:
-        tvm_given = [f"--{k}" for k, v in tvm.items() if v is not None]
+        tvm_given = [f"--{k.replace('_', '-')}" for k, v in tvm.items() if v is not None]
         if tvm_given and get_target(target).module != "snapc.targets.tvm":
             raise SnapcError(f"{', '.join(tvm_given)} applies only to the TVM targets (x86, "
                              f"cuda, arm-cpu, mali, adreno), not --target {target}")

@@ -55,9 +55,10 @@ __all__ = ["TvmOptions", "export", "TEXTURE_FALLBACK_WARNING"]
 LIBRARY, PARAMS, SCRIPT = "model.so", "params.safetensors", "run_on_device.py"
 TEXTURE_FALLBACK_WARNING = ("Adreno texture pipeline ({tag}, NCHW4c) {reason}; built the "
                             "buffer path {fallback} instead")
-TENSOR_CORES_OFF = ("CUDA fp16 matmuls use dlight's SIMT schedule, not tensor cores: dlight's "
-                    "MatmulTensorization segfaults in TVM 0.27 (s_tir Tensorize); "
-                    "tensor_cores=True tries it")
+TENSOR_CORES_OFF = ("CUDA fp16 matmuls use dlight's SIMT schedule, not tensor cores "
+                    "(--tensor-cores builds dlight's MMA schedules)")
+TENSOR_CORES_FALLBACK_WARNING = ("dlight's tensor-core (MMA) schedules {reason}; built SIMT "
+                                 "matmuls instead")
 ENTRY = "main"
 KERNEL_PSNR_DB = 60.0  # fp32 kernels vs x86: only summation order differs
 
@@ -73,8 +74,10 @@ class TvmOptions:
     ``cuda_arch``: the SM architecture of the cuda target (sm_90 is H100).
     ``min_psnr_db``: gate for runs against PyTorch; None means 60 dB fp32, 30 dB fp16.
     ``kernel_sample``: how many OpenCL kernels run on PoCL against x86.
-    ``tensor_cores``: on cuda, let dlight tensorize fp16 matmuls for tensor cores; off by
-    default because that path (``s_tir`` Tensorize) segfaults in TVM 0.27 on the SD-1.5 UNet.
+    ``tensor_cores``: on cuda at fp16, let dlight tensorize the matmuls and convolutions for
+    tensor cores (WMMA, fp32 accumulation), first in a child process (snapc.targets.tvm_probe):
+    that path once crashed TVM 0.27 (SIGSEGV in ``s_tir`` Tensorize), so a crash falls back
+    to SIMT with a warning. Off by default until a GPU run has verified and timed it.
     ``tuning``: a records folder from ``snapc tune`` for this target; its tuned kernels are
     applied (snapc.targets.tvm_tuning), the rest keep the default schedules.
     ``offload``: a vendor library for the heavy operators (cublas, cudnn, clml, dnnl; see
@@ -105,6 +108,12 @@ class TvmOptions:
         spec = target_spec(self.target)
         if self.mcpu is not None and spec.device != "cpu":
             raise SnapcError(f"mcpu applies to the cpu targets (x86, arm-cpu), not {spec.name}")
+        if self.precision not in (None, "fp16", "fp32"):
+            raise SnapcError(f"precision must be fp16 or fp32, got '{self.precision}'")
+        if self.tensor_cores and spec.device != "cuda":
+            raise SnapcError(f"tensor cores apply to the cuda target, not {spec.name}")
+        if self.tensor_cores and (self.precision or spec.default_precision) != "fp16":
+            raise SnapcError("tensor cores need fp16 compute: add --precision fp16")
         if self.offload is None and self.tuning is None:
             return
         _check_tvm()
@@ -154,7 +163,7 @@ def _lower_for(spec: TvmTargetSpec, graph: Graph, built: Imported, precision: st
     import tvm
 
     from snapc.targets.tvm_build import lower
-    from snapc.targets.tvm_texture import probe_isolated
+    from snapc.targets.tvm_probe import probe_isolated
 
     if spec.texture_tag and options.texture and database is None:
         texture = tvm.target.Target(spec.texture_tag, host=target.host)
@@ -165,9 +174,17 @@ def _lower_for(spec: TvmTargetSpec, graph: Graph, built: Imported, precision: st
                                                   fallback=spec.tvm_tag)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         notes.append(message)
-    if spec.device == "cuda" and not options.tensor_cores and precision == "fp16":
+    tensor_cores = spec.device == "cuda" and precision == "fp16" and options.tensor_cores
+    if tensor_cores:
+        probe = probe_isolated(graph.program, precision, target, tensor_cores=True)
+        if not probe.ok:
+            message = TENSOR_CORES_FALLBACK_WARNING.format(reason=probe.reason)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            notes.append(message)
+            tensor_cores = False
+    elif spec.device == "cuda" and precision == "fp16":
         notes.append(TENSOR_CORES_OFF)
-    return lower(built.module, target, tensor_cores=options.tensor_cores,
+    return lower(built.module, target, tensor_cores=tensor_cores,
                  database=database, cpu_schedules=options.cpu_schedules,
                  fast_math=options.fast_math), target
 
@@ -437,7 +454,7 @@ def export(
             "version": tvm_version, "entry": ENTRY, "device": spec.device,
             "target": target_json(target), "precision": precision,
             "relax_passes": lowered.passes, "inputs": imported.input_names,
-            "tensor_cores": spec.device == "cuda" and options.tensor_cores,
+            "tensor_cores": bool(cuda_kernels and cuda_kernels["tensor_core_kernels"]),
             "param_order": imported.param_names, "param_dtypes": param_dtypes,
             "param_sources": imported.param_sources,
             **({"cuda_kernels": cuda_kernels} if cuda_kernels else {}),

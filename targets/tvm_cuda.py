@@ -14,6 +14,7 @@ it asks for the source the cubin was built from, and refuses any other source.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +24,11 @@ from snapc.errors import ToolMissingError, VerificationError
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["CUBIN", "cuda_source", "compile_kernels", "register_kernels",
+__all__ = ["CUBIN", "cuda_source", "compile_kernels", "kernel_counts", "register_kernels",
            "use_precompiled_kernels"]
 
 CUBIN = "cuda_kernels.cubin"
+_KERNEL_DEFINITION = re.compile(r'extern "C" __global__[^;{]*\{')
 CALLBACK = "tvm_callback_cuda_compile"
 
 
@@ -70,8 +72,16 @@ def compile_kernels(source: str, target: tvm.target.Target, path: Path) -> dict[
                                 f"{first[-1] if first else exc}; artifact not written") from exc
     path.write_bytes(bytes(cubin))
     return {"file": path.name, "arch": arch, "compiler": nvcc, "bytes": len(cubin),
-            "source_sha256": source_digest(source),
-            "kernels": source.count("__global__")}
+            "source_sha256": source_digest(source), **kernel_counts(source)}
+
+
+def kernel_counts(source: str) -> dict[str, int]:
+    """Return how many kernels a CUDA source defines (its forward declarations not counted)
+    and how many of those use tensor cores (WMMA ``mma_sync``)."""
+    starts = [m.start() for m in _KERNEL_DEFINITION.finditer(source)]
+    bodies = [source[a:b] for a, b in zip(starts, [*starts[1:], len(source)], strict=True)]
+    return {"kernels": len(bodies),
+            "tensor_core_kernels": sum("mma_sync" in body for body in bodies)}
 
 
 def register_kernels(cubin: bytes, digest: str, label: str = "the cubin") -> None:

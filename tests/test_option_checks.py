@@ -66,6 +66,11 @@ def _error_line(args: list[str]) -> str:
     (["--coreml-chunks", "2"], "--coreml-chunks applies only to the coreml targets"),
     (["--target", "gpu9", "--coreml-chunks", "2"], "unknown target 'gpu9'"),
     (["--target", "coreml", "--coreml-frontend", "jit"], "frontend 'jit' is not valid"),
+    (["--tensor-cores"], "--tensor-cores applies only to the TVM targets"),
+    (["--precision", "fp16"], "--precision applies only to the TVM targets"),
+    (["--target", "x86", "--tensor-cores"], "tensor cores apply to the cuda target, not x86"),
+    (["--target", "cuda", "--tensor-cores"], "tensor cores need fp16 compute: add --precision"),
+    (["--target", "cuda", "--precision", "int8"], "precision must be fp16 or fp32, got 'int8'"),
 ])
 def test_compile_checks_options_before_loading(no_loading, tmp_path, args, message):
     target = [] if "--target" in args else ["--target", "onnx"]

@@ -181,6 +181,75 @@ def test_cuda_kernels_are_compiled_ahead_and_served_only_for_their_source(
         callback("extern \"C\" __global__ void edited() {}")
 
 
+@pytest.fixture(scope="module")
+def mlp() -> Graph:
+    """Two 128x128 Linear layers on 128 tokens: big enough (> 64 on every matmul axis) for
+    dlight's tensor-core rule, small enough to build in seconds."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(),
+                              torch.nn.Linear(128, 128)).eval()
+    return trace(net, (torch.randn(1, 128, 128),), ModelInfo(name="mlp", random_weights=True))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
+def test_cuda_fp16_tensor_cores_put_matmuls_on_wmma_and_simt_is_the_default(
+        mlp: Graph, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapc.targets import tvm_probe
+    from snapc.targets.tvm import TENSOR_CORES_OFF
+
+    # The child process would import TVM's tensor intrinsics again (~20 s); the fallback
+    # test below covers what happens when it crashes, the adreno test runs a real child.
+    monkeypatch.setattr(tvm_probe, "probe_isolated",
+                        lambda *_a, **_k: tvm_probe.LoweringProbe(True, "ok", 0.0))
+
+    (tmp_path / "simt").mkdir(), (tmp_path / "tc").mkdir()
+    simt, _ = _build(mlp, tmp_path / "simt", target="cuda", precision="fp16")
+    assert simt.extra["tvm"]["cuda_kernels"]["tensor_core_kernels"] == 0
+    assert simt.extra["tvm"]["tensor_cores"] is False and TENSOR_CORES_OFF in simt.notes
+    tensor, warned = _build(mlp, tmp_path / "tc", target="cuda", precision="fp16",
+                            tensor_cores=True)
+    kernels = tensor.extra["tvm"]["cuda_kernels"]
+    assert kernels["tensor_core_kernels"] >= 1 and kernels["kernels"] == 5, kernels
+    assert tensor.extra["tvm"]["tensor_cores"] is True and not warned
+    assert "wmma::mma_sync" not in (tmp_path / "simt" / "model.so").read_bytes().decode("latin1")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
+def test_a_crashing_tensor_core_lowering_falls_back_to_simt_with_a_warning(
+        mlp: Graph, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapc.targets import tvm_probe
+
+    probed = []
+
+    def crashed(program: object, precision: str, target: object,
+                tensor_cores: bool = False) -> tvm_probe.LoweringProbe:
+        probed.append((precision, tensor_cores))
+        return tvm_probe.LoweringProbe(False, "crashed the process with SIGSEGV in TVM pass "
+                                       "ApplyDefaultSchedule", 1.0)
+
+    monkeypatch.setattr(tvm_probe, "probe_isolated", crashed)
+    manifest, warned = _build(mlp, tmp_path, target="cuda", precision="fp16", tensor_cores=True)
+    assert probed == [("fp16", True)]
+    message = ("dlight's tensor-core (MMA) schedules crashed the process with SIGSEGV in TVM "
+               "pass ApplyDefaultSchedule; built SIMT matmuls instead")
+    assert warned == [message] and message in manifest.notes
+    assert manifest.extra["tvm"]["cuda_kernels"]["tensor_core_kernels"] == 0
+    assert manifest.extra["tvm"]["tensor_cores"] is False
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"target": "x86", "tensor_cores": True}, "tensor cores apply to the cuda target, not x86"),
+    ({"target": "cuda", "tensor_cores": True}, "tensor cores need fp16 compute: add --precision"),
+    ({"target": "cuda", "precision": "bf16"}, "precision must be fp16 or fp32, got 'bf16'"),
+])
+def test_tensor_core_and_precision_options_are_checked_up_front(options: dict,
+                                                                message: str) -> None:
+    from snapc.errors import SnapcError
+
+    with pytest.raises(SnapcError, match=message):
+        TvmOptions(**options).check()
+
+
 def test_the_cuda_callback_serves_the_cubin_for_its_own_source() -> None:
     from snapc.targets.tvm_cuda import CALLBACK, register_kernels, source_digest
 

@@ -1,13 +1,16 @@
-"""Probe the Adreno texture pipeline (NCHW4c, ``qcom/adreno-opencl-texture``) in a subprocess.
+"""Probe a TVM lowering that may crash the process, in a subprocess.
 
-In apache-tvm 0.27 the texture pipeline's ``ConvertLayout`` pass crashes the whole process
-(SIGSEGV), which no ``try`` can catch. So a child process imports the same program, converts
-it the same way and runs the texture lowering, printing each pass name before running it;
-when the child dies, the last name says where. Only when the child succeeds does the caller
-lower for textures in its own process. (Modules cannot be handed over as JSON:
-``tvm.ir.save_json`` segfaults on these modules in 0.27, so the child re-imports the program.)
+Two lowerings have crashed apache-tvm 0.27 outright (SIGSEGV, which no ``try`` can catch):
+the Adreno texture pipeline (NCHW4c, ``qcom/adreno-opencl-texture``) in ``ConvertLayout``,
+and, once, dlight's tensor-core (MMA) matmul schedules on CUDA in ``s_tir`` Tensorize. So a
+child process imports the same program, converts it the same way and runs the lowering,
+printing each pass name before running it; when the child dies, the last name says where.
+Only when the child succeeds does the caller lower that way in its own process. (Modules
+cannot be handed over as JSON: ``tvm.ir.save_json`` segfaults on these modules in 0.27, so
+the child re-imports the program.)
 
-Run as ``python -m snapc.targets.tvm_texture PROGRAM.pt2 PRECISION TARGET.json`` (internal).
+Run as ``python -m snapc.targets.tvm_probe PROGRAM.pt2 PRECISION TARGET.json TENSOR_CORES``
+(internal).
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ if TYPE_CHECKING:
     import torch
     import tvm
 
-__all__ = ["TextureProbe", "probe_isolated"]
+__all__ = ["LoweringProbe", "probe_isolated"]
 
 _PASS_MARK = "snapc-pass: "
 
 
 @dataclass(frozen=True)
-class TextureProbe:
-    """Whether the texture lowering survived in a child process, and why not."""
+class LoweringProbe:
+    """Whether a lowering survived in a child process, and why not."""
 
     ok: bool
     reason: str
@@ -62,36 +65,38 @@ def _last_error_line(stderr: str) -> str:
 
 
 def probe_isolated(program: torch.export.ExportedProgram, precision: str,
-                   target: tvm.target.Target, timeout_s: float = 1800.0) -> TextureProbe:
-    """Import ``program`` at ``precision`` and lower it for ``target`` in a child process;
-    return whether that worked, or why not (signal or exit status, the TVM pass that was
-    running, the last error line)."""
+                   target: tvm.target.Target, tensor_cores: bool = False,
+                   timeout_s: float = 1800.0) -> LoweringProbe:
+    """Import ``program`` at ``precision`` and lower it for ``target`` in a child process
+    (``tensor_cores``: with dlight's MMA schedules on CUDA); return whether that worked, or
+    why not (signal or exit status, the TVM pass that was running, the last error line)."""
     import torch
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="snapc-tvm-texture-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="snapc-tvm-probe-") as tmp:
         folder = Path(tmp)
         torch.export.save(program, folder / "program.pt2")
         (folder / "target.json").write_text(str(target))
-        command = [sys.executable, "-m", "snapc.targets.tvm_texture",
-                   str(folder / "program.pt2"), precision, str(folder / "target.json")]
+        command = [sys.executable, "-m", "snapc.targets.tvm_probe",
+                   str(folder / "program.pt2"), precision, str(folder / "target.json"),
+                   str(int(tensor_cores))]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                                   check=False)
         except subprocess.TimeoutExpired:
-            return TextureProbe(False, f"did not finish in {timeout_s:.0f} s",
+            return LoweringProbe(False, f"did not finish in {timeout_s:.0f} s",
                                 time.perf_counter() - start)
     seconds = time.perf_counter() - start
     if proc.returncode == 0:
-        return TextureProbe(True, "ok", seconds)
+        return LoweringProbe(True, "ok", seconds)
     where = _last_pass(proc.stderr)
     reason = _describe_exit(proc.returncode) + (f" in TVM pass {where}" if where else "")
     if proc.returncode > 0:
         reason += f" ({_last_error_line(proc.stderr)})"
-    return TextureProbe(False, reason, seconds)
+    return LoweringProbe(False, reason, seconds)
 
 
-def _child(program_path: str, precision: str, target_path: str) -> None:
+def _child(program_path: str, precision: str, target_path: str, tensor_cores: str) -> None:
     """Import, convert and lower as the parent would, naming each pass on stderr first."""
     import torch
     import tvm
@@ -108,8 +113,9 @@ def _child(program_path: str, precision: str, target_path: str) -> None:
     if precision == "fp16":
         imported = to_fp16(imported)
     target = tvm.target.Target(json.loads(Path(target_path).read_text()))
-    lower(imported.module, target, instruments=[_NamePasses()])
+    lower(imported.module, target, instruments=[_NamePasses()],
+          tensor_cores=tensor_cores == "1")
 
 
 if __name__ == "__main__":
-    _child(*sys.argv[1:4])
+    _child(*sys.argv[1:5])
