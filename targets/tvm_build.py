@@ -80,9 +80,11 @@ def import_graph(program: torch.export.ExportedProgram) -> Imported:
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    from snapc.targets.tvm_decompose import decompose_for_tvm
+
     start = time.perf_counter()
-    module = from_exported_program(program, keep_params_as_input=True,
-                                   unwrap_unit_return_tuple=True)
+    module = from_exported_program(decompose_for_tvm(program), keep_params_as_input=True,
+                                   unwrap_unit_return_tuple=True, run_ep_decomposition=False)
     module, params = relax.frontend.detach_params(module)
     main = module["main"]
     n_inputs = int(main.attrs["num_input"])
