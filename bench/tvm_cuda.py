@@ -177,9 +177,15 @@ def _unet_and_weights(folder: Path) -> tuple[Any, tuple, dict, dict]:
 
 
 def _tvm_weights(state: dict, info: dict) -> dict:
-    """Return a build's TVM weights (by its manifest's TVM info) from the UNet's state dict."""
-    return {name: state[info["param_sources"][name].removeprefix("net.")]
-            .numpy().astype(info["param_dtypes"][name]) for name in info["param_order"]}
+    """Return a build's TVM weights (by its manifest's TVM info) from the UNet's state dict;
+    those the build stores transposed (``param_transposed``) transposed."""
+    transposed = set(info.get("param_transposed", ()))
+    weights = {}
+    for name in info["param_order"]:
+        value = state[info["param_sources"][name].removeprefix("net.")]
+        value = value.t().contiguous() if name in transposed else value
+        weights[name] = value.numpy().astype(info["param_dtypes"][name])
+    return weights
 
 
 def _tvm_module(folder: Path, inputs: tuple, info: dict, weights: dict) -> tuple[Any, list]:

@@ -456,7 +456,7 @@ def export(
             "relax_passes": lowered.passes, "inputs": imported.input_names,
             "tensor_cores": bool(cuda_kernels and cuda_kernels["tensor_core_kernels"]),
             "param_order": imported.param_names, "param_dtypes": param_dtypes,
-            "param_sources": imported.param_sources,
+            "param_sources": imported.param_sources, "param_transposed": imported.transposed,
             **({"cuda_kernels": cuda_kernels} if cuda_kernels else {}),
             **({"quantized_weights": quantized} if quantized else {}),
             **({"tuning": tuning} if tuning else {}),

@@ -34,7 +34,9 @@ SCHEDULE_PASS = "ApplyDefaultSchedule"  # tvm.s_tir.dlight's pass name
 class Imported:
     """A Relax module whose ``main`` takes the user inputs, then the weights, in order.
 
-    ``param_sources`` maps each weight name to its state-dict key in the graph's program.
+    ``param_sources`` maps each weight name to its state-dict key in the graph's program;
+    ``transposed`` names the weights stored transposed (2-D, see
+    snapc.targets.tvm_weight_layout).
     """
 
     module: tvm.ir.IRModule
@@ -43,6 +45,7 @@ class Imported:
     params: list[np.ndarray]
     param_sources: dict[str, str] = field(default_factory=dict)
     import_s: float = 0.0
+    transposed: list[str] = field(default_factory=list)
 
     def param_dtypes(self) -> list[str]:
         """Return the dtype ``main`` expects for each weight (fp16 after ``to_fp16``)."""
@@ -75,12 +78,14 @@ class Lowered:
 
 def import_graph(program: torch.export.ExportedProgram) -> Imported:
     """Return ``program`` (a Graph's) imported with ``from_exported_program`` in fp32, weights
-    kept as inputs of ``main`` and detached as numpy arrays (they are saved separately)."""
+    kept as inputs of ``main`` and detached as numpy arrays (they are saved separately), those
+    only ever transposed stored transposed."""
     import tvm  # noqa: F401
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
     from snapc.targets.tvm_decompose import decompose_for_tvm
+    from snapc.targets.tvm_weight_layout import pretranspose_weights
 
     start = time.perf_counter()
     module = from_exported_program(decompose_for_tvm(program), keep_params_as_input=True,
@@ -92,9 +97,9 @@ def import_graph(program: torch.export.ExportedProgram) -> Imported:
     arrays = [p.numpy() for p in params.get("main", [])]
     sources = {spec.arg.name: spec.target for spec in program.graph_signature.input_specs
                if spec.target is not None}
-    return Imported(module, names[:n_inputs], names[n_inputs:], arrays,
-                    {n: sources.get(n, "") for n in names[n_inputs:]},
-                    time.perf_counter() - start)
+    imported = Imported(module, names[:n_inputs], names[n_inputs:], arrays,
+                        {n: sources.get(n, "") for n in names[n_inputs:]})
+    return replace(pretranspose_weights(imported), import_s=time.perf_counter() - start)
 
 
 def to_fp16(imported: Imported) -> Imported:
