@@ -12,6 +12,9 @@ On this CPU, for MODEL (default ``shapes``) at batch 2, in one process:
   tvm_native_before  --mcpu native with snapc's earlier CPU schedules: dlight's Reduction
                    rule for softmax and norms (one serial add chain per output) and register
                    tiles of at most 4 rows (not WIDE_ROW_TILES)
+  tvm_native_import_before  --mcpu native, the import as before snapc.targets.tvm_decompose
+                   and snapc.targets.tvm_weight_layout: attention through PyTorch's
+                   safe-softmax decomposition, every Linear weight transposed on each call
   tvm_native       --mcpu native as shipped: exp / erf / sigmoid / softmax / gelu on
                    vectorizable approximations (snapc.targets.tvm_fast_math), row reductions
                    on vector partial sums (snapc.targets.tvm_cpu_schedule.VectorReduction),
@@ -96,6 +99,24 @@ def _schedules(earlier: bool) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _import(earlier: bool) -> Iterator[None]:
+    """Import as snapc does, or as before the fourteenth session: PyTorch's own attention
+    decomposition (safe-softmax guards) and every Linear weight transposed on each call."""
+    if not earlier:
+        yield
+        return
+    from dataclasses import replace
+
+    from snapc.targets import tvm_decompose, tvm_weight_layout
+
+    with mock.patch.object(tvm_decompose, "decompose_for_tvm",
+                           lambda program: program.run_decompositions()), \
+            mock.patch.object(tvm_weight_layout, "pretranspose_weights",
+                              lambda imported: replace(imported, transposed=[])):
+        yield
+
+
 def main() -> None:
     """Build, tune, verify and time the variants; print and record the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,6 +165,7 @@ def main() -> None:
                   "tvm_generic": TvmOptions(target="x86"),
                   "tvm_native_libm": TvmOptions(target="x86", mcpu="native", fast_math=False),
                   "tvm_native_before": TvmOptions(target="x86", mcpu="native"),
+                  "tvm_native_import_before": TvmOptions(target="x86", mcpu="native"),
                   "tvm_native": TvmOptions(target="x86", mcpu="native"),
                   "tvm_tuned": TvmOptions(target="x86", mcpu="native", tuning=str(records))}
         manifests = {}
@@ -151,7 +173,8 @@ def main() -> None:
             folder = root / name
             folder.mkdir()
             start = time.perf_counter()
-            with _schedules(earlier=name == "tvm_native_before"):
+            with _schedules(earlier=name == "tvm_native_before"), \
+                    _import(earlier=name == "tvm_native_import_before"):
                 manifest = export(graph, folder, options, progress=print)
             manifest.write(folder)
             manifests[name] = manifest
