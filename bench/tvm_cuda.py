@@ -218,10 +218,11 @@ def check_tiny(folder: Path) -> dict:
             "passed": numerics.passes(60.0), **numerics.to_json()}
 
 
-def time_sd15(folders: dict[str, Path], repeat: int, rounds: int = 3) -> dict:
+def time_sd15(folders: dict[str, Path], repeat: int,
+              rounds: int = 3) -> tuple[dict, dict[str, tuple[Any, list]]]:
     """Time PyTorch eager fp16 and each TVM fp16 build of ``folders`` (label -> bundle folder,
     all of the same seed-0 sd15) on one GPU, interleaved in ``rounds``; compare every output
-    with PyTorch fp32. Returns the numbers."""
+    with PyTorch fp32. Returns the numbers and each build's (VM, arguments)."""
     import numpy as np
     import torch
 
@@ -273,7 +274,7 @@ def time_sd15(folders: dict[str, Path], repeat: int, rounds: int = 3) -> dict:
             "kernels": build["kernels"], "tensor_core_kernels": build["tensor_core_kernels"],
             "vs_torch_fp32": build["numerics"],
             "passed": build["numerics"]["psnr_db"] >= FP16_GATE_DB}
-    return result
+    return result, {label: (build["vm"], build["args"]) for label, build in builds.items()}
 
 
 def main() -> None:
@@ -283,6 +284,8 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=REPO / ".whl" / "tvm_cuda")
     parser.add_argument("--build-dir", type=Path, default=REPO / "out")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--kernels", action="store_true",
+                        help="run: also print each TVM build's heaviest kernels")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     bundle = args.bundle.resolve()
@@ -295,7 +298,8 @@ def main() -> None:
                "PYTHONPATH": os.pathsep.join(
                    [str(site), *filter(None, [os.environ.get("PYTHONPATH")]), str(REPO)])}
         code = subprocess.run([sys.executable, __file__, "run", "--bundle", str(bundle),
-                               "--repeat", str(args.repeat), "--inner"], env=env).returncode
+                               "--repeat", str(args.repeat), "--inner",
+                               *(["--kernels"] if args.kernels else [])], env=env).returncode
         shutil.rmtree(site, ignore_errors=True)
         raise SystemExit(code)
     import tvm
@@ -305,7 +309,7 @@ def main() -> None:
     print(json.dumps(check))
     if not check["passed"]:
         raise SystemExit(f"tiny through TVM CUDA: PSNR {check['psnr_db']:.1f} dB < 60 dB")
-    result = time_sd15({label: bundle / label for label in TIMED}, args.repeat)
+    result, vms = time_sd15({label: bundle / label for label in TIMED}, args.repeat)
     print(f"GPU: {result['gpu']}")
     print("| SD-1.5 UNet, batch 1, 64x64 latent | median ms | vs eager | PSNR vs fp32 |")
     print("| --- | ---: | ---: | ---: |")
@@ -315,6 +319,15 @@ def main() -> None:
         print(f"| {build['name']} | {build['median_ms']} | {build['over_torch']}x | "
               f"{build['vs_torch_fp32']['psnr_db']:.1f} dB |")
     print(json.dumps(result))
+    if args.kernels:  # where each build's time goes (bench/tvm_kernels.py), heaviest first
+        from bench.tvm_kernels import kernel_times
+
+        for label, (vm, vm_args) in vms.items():
+            times = kernel_times(vm, vm_args, vm_args[0].device, calls=5)
+            heaviest = sorted(times["kernels"].items(), key=lambda kv: -kv[1]["ms"])[:25]
+            print(json.dumps({"kernels_of": label, "plain_ms": times["plain_ms"],
+                              "instrumented_ms": times["instrumented_ms"],
+                              "heaviest": dict(heaviest)}))
     failed = [label for label, build in result["builds"].items() if not build["passed"]]
     if failed:
         raise SystemExit(f"{', '.join(failed)}: output below {FP16_GATE_DB} dB vs PyTorch fp32")

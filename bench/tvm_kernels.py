@@ -33,7 +33,7 @@ def load_vm(folder: Path) -> tuple[Any, list[Any], Any, dict[str, Any]]:
     """Return (VM, arguments on the device, device, manifest) of an x86 or cuda artifact."""
     import tvm
     from safetensors.numpy import load_file
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # the runtime-only TVM of a GPU machine has it
 
     from snapc.targets.tvm_rpc import _inputs
 
@@ -50,7 +50,7 @@ def load_vm(folder: Path) -> tuple[Any, list[Any], Any, dict[str, Any]]:
         raise SystemExit(f"{folder}: a {manifest['target']} artifact cannot run on this machine")
     if not device.exist:
         raise SystemExit(f"{folder}: no {info['device']} device on this machine")
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), device)
+    vm = VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), device)
     weights = load_file(str(folder / "params.safetensors"))
     args = [tvm.runtime.tensor(a, device) for a in _inputs(manifest, seed=0)]
     args += [tvm.runtime.tensor(weights[n], device) for n in info["param_order"]]
