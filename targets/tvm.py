@@ -76,8 +76,9 @@ class TvmOptions:
     ``kernel_sample``: how many OpenCL kernels run on PoCL against x86.
     ``tensor_cores``: on cuda at fp16, let dlight tensorize the matmuls and convolutions for
     tensor cores (WMMA, fp32 accumulation), first in a child process (snapc.targets.tvm_probe):
-    that path once crashed TVM 0.27 (SIGSEGV in ``s_tir`` Tensorize), so a crash falls back
-    to SIMT with a warning. Off by default until a GPU run has verified and timed it.
+    that path crashed TVM 0.27 with apache-tvm-ffi 0.1.15 (SIGSEGV in ``ToJSONGraph`` from
+    ``s_tir`` Tensorize; the pinned 0.1.14 survives), so a crash falls back to SIMT with a
+    warning. Off by default until a GPU run has verified and timed it.
     ``tuning``: a records folder from ``snapc tune`` for this target; its tuned kernels are
     applied (snapc.targets.tvm_tuning), the rest keep the default schedules.
     ``offload``: a vendor library for the heavy operators (cublas, cudnn, clml, dnnl; see

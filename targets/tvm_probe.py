@@ -2,7 +2,8 @@
 
 Two lowerings have crashed apache-tvm 0.27 outright (SIGSEGV, which no ``try`` can catch):
 the Adreno texture pipeline (NCHW4c, ``qcom/adreno-opencl-texture``) in ``ConvertLayout``,
-and, once, dlight's tensor-core (MMA) matmul schedules on CUDA in ``s_tir`` Tensorize. So a
+and dlight's tensor-core (MMA) matmul schedules on CUDA in ``s_tir`` Tensorize (that one with
+apache-tvm-ffi 0.1.15, in its ``ToJSONGraph``; the pinned 0.1.14 survives it). So a
 child process imports the same program, converts it the same way and runs the lowering,
 printing each pass name before running it; when the child dies, the last name says where.
 Only when the child succeeds does the caller lower that way in its own process. (Modules
