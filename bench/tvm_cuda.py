@@ -157,8 +157,8 @@ def _load_tvm_cuda_runtime(library: Path) -> None:
     raise SystemExit("libcudart.so.13 not found for TVM's CUDA runtime")
 
 
-def _unet_and_weights(folder: Path) -> tuple[Any, tuple, dict, dict]:
-    """Return (UNet with seed-0 random weights, inputs, manifest's TVM info, TVM weights)."""
+def _unet_and_inputs(folder: Path) -> tuple[Any, tuple, dict]:
+    """Return (UNet with seed-0 random weights, inputs, manifest's TVM info)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -173,7 +173,7 @@ def _unet_and_weights(folder: Path) -> tuple[Any, tuple, dict, dict]:
     net = UNet2DConditionModel(**config).eval()
     inputs = unet_example_inputs(config, batch=shapes["sample"][0], latent=shapes["sample"][-1],
                                  context_len=shapes["encoder_hidden_states"][1])
-    return net, inputs, info, _tvm_weights(net.state_dict(), info)
+    return net, inputs, info
 
 
 def _tvm_weights(state: dict, info: dict) -> dict:
@@ -209,7 +209,8 @@ def check_tiny(folder: Path) -> dict:
 
     from snapc.numerics import compare
 
-    net, inputs, info, weights = _unet_and_weights(folder)
+    net, inputs, info = _unet_and_inputs(folder)
+    weights = _tvm_weights(net.state_dict(), info)
     with torch.no_grad():
         reference = net(*inputs, return_dict=False)[0]  # CPU fp32: no TF32 in the reference
     vm, args = _tvm_module(folder, inputs, info, weights)
@@ -228,8 +229,8 @@ def time_sd15(folders: dict[str, Path], repeat: int,
 
     from snapc.numerics import compare
 
-    net, inputs, info, _ = _unet_and_weights(next(iter(folders.values())))
-    state = {k: v.clone() for k, v in net.state_dict().items()}  # before .half() below
+    net, inputs, info = _unet_and_inputs(next(iter(folders.values())))
+    state = net.state_dict()  # the CPU fp32 tensors: .to() and .half() give the net new ones
     torch.backends.cudnn.allow_tf32 = False  # an fp32 reference, not a TF32 one
     torch.backends.cuda.matmul.allow_tf32 = False
     gpu = torch.device("cuda")

@@ -84,8 +84,7 @@ def kernel_times(vm: Any, args: list[Any], device: Any, calls: int) -> dict[str,
     plain = statistics.median(whole() for _ in range(calls))
     vm.set_instrument(instrument)
     instrumented = statistics.median(whole() for _ in range(calls))
-    runs = calls
-    kernels = {s: {"calls": counts[s] / runs, "ms": totals[s] * 1e3 / runs} for s in totals}
+    kernels = {s: {"calls": counts[s] / calls, "ms": totals[s] * 1e3 / calls} for s in totals}
     return {"plain_ms": plain, "instrumented_ms": instrumented, "kernels": kernels}
 
 

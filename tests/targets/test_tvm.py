@@ -202,7 +202,8 @@ def test_cuda_fp16_tensor_cores_put_matmuls_on_wmma_and_simt_is_the_default(
     monkeypatch.setattr(tvm_probe, "probe_isolated",
                         lambda *_a, **_k: tvm_probe.LoweringProbe(True, "ok", 0.0))
 
-    (tmp_path / "simt").mkdir(), (tmp_path / "tc").mkdir()
+    (tmp_path / "simt").mkdir()
+    (tmp_path / "tc").mkdir()
     simt, _ = _build(mlp, tmp_path / "simt", target="cuda", precision="fp16")
     assert simt.extra["tvm"]["cuda_kernels"]["tensor_core_kernels"] == 0
     assert simt.extra["tvm"]["tensor_cores"] is False and TENSOR_CORES_OFF in simt.notes
